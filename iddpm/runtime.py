@@ -1,0 +1,127 @@
+"""Where the code runs: FAST mode, the device, seeding and Colab detection.
+
+The book's chapters (and CI) use these so every chapter runs anywhere without edits:
+
+* ``FAST`` picks the quick version of a chapter (small T, few images, few training steps). It is read once, at
+  import, from the ``IDDPM_FAST`` environment variable:
+
+  ========================  =======================================================================
+  ``IDDPM_FAST``            ``FAST``
+  ========================  =======================================================================
+  ``1`` / ``true`` / ...    True  (CI, ``make book-fast``, a quick local run)
+  ``0`` / ``false`` / ...   False (the full version, even on a CPU: slow but complete)
+  unset or empty            True when no CUDA GPU is available, False when one is. So a reader on a
+                            laptop CPU or a CI runner gets the quick version and a Colab GPU the full one.
+  ========================  =======================================================================
+
+* :func:`get_device` chooses ``cuda``, then ``mps``, then ``cpu``; ``IDDPM_DEVICE`` overrides it.
+* :func:`seed_everything` seeds Python, NumPy and torch and returns a CPU ``torch.Generator``. Draw noise from
+  that generator on the CPU and move it to the device: a seeded CPU generator gives the same numbers on every
+  machine, whereas CUDA's generator gives different ones.
+* :func:`in_colab` tells whether we run inside Google Colab.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["FAST", "fast_mode", "get_device", "in_colab", "seed_everything"]
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def fast_mode(value: str | None = None, cuda_available: bool | None = None) -> bool:
+    """Decide FAST mode from an ``IDDPM_FAST`` value (the environment's when ``value`` is None).
+
+    Args:
+        value: the setting, e.g. ``"1"`` or ``"0"``; None reads ``os.environ["IDDPM_FAST"]``.
+        cuda_available: whether a CUDA GPU is present; None asks torch. Only used when ``value`` is unset.
+
+    Returns:
+        True for the quick version of a chapter.
+
+    Raises:
+        ValueError: for a value that is neither true-like nor false-like (a typo must not silently pick
+            a mode).
+    """
+    if value is None:
+        value = os.environ.get("IDDPM_FAST")
+    value = (value or "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    if value == "":
+        if cuda_available is None:
+            cuda_available = torch.cuda.is_available()
+        return not cuda_available
+    raise ValueError(f"IDDPM_FAST={value!r} is not understood; use one of {_TRUE + _FALSE} or leave it unset")
+
+
+FAST: bool = fast_mode()
+"""True for the quick version of the chapters; see the module docstring. Read once, at import."""
+
+
+def get_device(prefer: str | torch.device | None = None) -> torch.device:
+    """The device to compute on.
+
+    Args:
+        prefer: a device to use as is (``"cpu"``, ``"cuda:1"``, ...). None reads ``IDDPM_DEVICE``; when
+            that is unset too, the first available of ``cuda``, ``mps`` and ``cpu``.
+
+    Returns:
+        A ``torch.device``.
+
+    Raises:
+        ValueError: if the requested device type is unknown to torch.
+    """
+    prefer = prefer or os.environ.get("IDDPM_DEVICE") or None
+    if prefer:
+        try:
+            return torch.device(prefer)
+        except RuntimeError as err:  # torch raises RuntimeError for unknown device strings
+            raise ValueError(f"unknown device {prefer!r} (from the argument or IDDPM_DEVICE): {err}") from err
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every GPU).
+
+    Args:
+        seed: a non-negative integer.
+
+    Returns:
+        A new CPU ``torch.Generator`` seeded with ``seed``. Pass it as ``generator=`` so a chapter's pictures
+        don't depend on how many random numbers earlier cells drew, nor on the device.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    # Seeding NumPy's legacy global RNG is the point here (code that calls np.random.* directly); its seed
+    # must fit in 32 bits.
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return torch.Generator().manual_seed(seed)
+
+
+def in_colab() -> bool:
+    """True inside Google Colab.
+
+    A try/except import, because ``importlib.util.find_spec("google.colab")`` *raises* off Colab (there is no
+    ``google`` package to search in).
+    """
+    try:
+        import google.colab  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,104 @@
+"""Tests for iddpm.runtime: FAST mode, device choice, seeding, Colab detection."""
+
+from __future__ import annotations
+
+import random
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from iddpm import runtime
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", " on "])
+def test_fast_mode_true_values(value: str) -> None:
+    assert runtime.fast_mode(value, cuda_available=True) is True
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", "off"])
+def test_fast_mode_false_values(value: str) -> None:
+    assert runtime.fast_mode(value, cuda_available=False) is False
+
+
+def test_fast_mode_unset_follows_the_gpu() -> None:
+    # CPU reader / CI -> quick version; a GPU (Colab) -> the full one.
+    assert runtime.fast_mode("", cuda_available=False) is True
+    assert runtime.fast_mode("", cuda_available=True) is False
+
+
+def test_fast_mode_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IDDPM_FAST", "0")
+    assert runtime.fast_mode() is False
+    monkeypatch.setenv("IDDPM_FAST", "1")
+    assert runtime.fast_mode() is True
+    monkeypatch.delenv("IDDPM_FAST")
+    assert runtime.fast_mode() is (not torch.cuda.is_available())
+
+
+def test_fast_mode_rejects_typos() -> None:
+    with pytest.raises(ValueError, match="IDDPM_FAST"):
+        runtime.fast_mode("ture")
+
+
+def test_module_flag_is_a_bool() -> None:
+    assert isinstance(runtime.FAST, bool)
+
+
+def test_get_device_argument_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IDDPM_DEVICE", "meta")
+    assert runtime.get_device() == torch.device("meta")
+    assert runtime.get_device("cpu") == torch.device("cpu")  # the argument beats the environment
+    monkeypatch.setenv("IDDPM_DEVICE", "not-a-device")
+    with pytest.raises(ValueError, match="not-a-device"):
+        runtime.get_device()
+
+
+def test_get_device_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IDDPM_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert runtime.get_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert runtime.get_device() == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runtime.get_device() == torch.device("cuda")
+
+
+def test_seed_everything_is_reproducible() -> None:
+    def draw() -> tuple[float, float, torch.Tensor, torch.Tensor]:
+        return random.random(), float(np.random.rand()), torch.rand(3), torch.rand(3, generator=g)  # noqa: NPY002
+
+    g = runtime.seed_everything(123)
+    first = draw()
+    g = runtime.seed_everything(123)
+    second = draw()
+    assert first[:2] == second[:2]
+    torch.testing.assert_close(first[2], second[2])
+    torch.testing.assert_close(first[3], second[3])
+    assert isinstance(g, torch.Generator) and g.device == torch.device("cpu")
+    assert g.initial_seed() == 123
+
+
+def test_seed_everything_changes_with_the_seed() -> None:
+    a = torch.rand(4, generator=runtime.seed_everything(0))
+    b = torch.rand(4, generator=runtime.seed_everything(1))
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "3", True])
+def test_seed_everything_rejects_bad_seeds(bad: object) -> None:
+    with pytest.raises(ValueError):
+        runtime.seed_everything(bad)  # type: ignore[arg-type]
+
+
+def test_in_colab(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert runtime.in_colab() is False
+    google = types.ModuleType("google")
+    colab = types.ModuleType("google.colab")
+    google.colab = colab  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    assert runtime.in_colab() is True
