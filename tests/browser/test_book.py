@@ -20,11 +20,15 @@ pytestmark = pytest.mark.browser
 MIN_FIGURES = {
     "book/01_forward_process": 3,
     "book/02_noise_schedules": 2,
+    "book/03_reverse_process": 5,
+    "book/04_variational_bound": 4,
 }
 # The least number of scrubbers each chapter must have (a chapter not listed: any number, each must work).
 MIN_SCRUBBERS = {
     "book/01_forward_process": 1,
     "book/02_noise_schedules": 3,
+    "book/03_reverse_process": 3,
+    "book/04_variational_bound": 1,
 }
 
 
