@@ -3,12 +3,13 @@
 Conventions used by the whole package (stated once, here):
 
 * ``T`` is the number of diffusion steps of a chain. Timesteps are **0-based**: ``t`` is an int64 tensor of
-  shape ``(B,)`` with values in ``[0, T)``, and index ``t = 0`` is the paper's step 1. So ``q_sample(x0, t=0)``
-  has already added one step of noise, and the decoder term ``L_0`` of the bound sits at ``t = 0``.
+  shape ``(B,)`` with values in ``[0, T)``, and index ``t = 0`` is the paper's step 1.
+  So ``q_sample(x0, t=0)`` has already added one step of noise, and the decoder term ``L_0`` of the bound
+  sits at ``t = 0``.
 * ``x0``, ``x_t`` and ``eps`` are ``(B, C, H, W)`` (any number of trailing dims works) scaled to ``[-1, 1]``.
-* Schedules are computed and stored in float64. :func:`extract` gathers a per-timestep coefficient and casts it
-  to the dtype of the tensor it will multiply, so float64 inputs get exact float64 maths (the authors' code
-  casts to float32 whatever the input; see the spec's gotcha 13).
+* Schedules are computed and stored in float64. :func:`extract` gathers a per-timestep coefficient and
+  casts it to the dtype of the tensor it will multiply, so float64 inputs get exact float64 maths (the
+  authors' code casts to float32 whatever the input; see the spec's gotcha 13).
 * A respaced chain (see :mod:`iddpm.respace`) is just another :class:`Schedule` whose ``timesteps`` maps its
   own index to the index of the original chain. The network always sees original-chain timesteps.
 
@@ -54,7 +55,8 @@ def linear_betas(num_steps: int) -> Tensor:
 
     Args:
         num_steps: T, at least 21. For T <= 20 the last beta is >= 1 (T = 20 gives exactly 1, so alpha_bar
-            reaches 0 and every 1/alpha_bar coefficient becomes infinite); such a chain is not a valid diffusion.
+            reaches 0 and every 1/alpha_bar coefficient becomes infinite); such a chain is not a valid
+            diffusion.
 
     Returns:
         ``(T,)`` float64 betas.
@@ -73,8 +75,8 @@ def linear_betas(num_steps: int) -> Tensor:
 def cosine_alpha_bar(u: Tensor | float, s: float = 0.008) -> Tensor:
     """The paper's ``f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2)`` as a function of ``u = t / T`` in [0, 1].
 
-    ``alpha_bar_t = f(t) / f(0)`` (paper Eq. 17). The offset ``s`` keeps beta small near t = 0 so the model can
-    predict the noise accurately there.
+    ``alpha_bar_t = f(t) / f(0)`` (paper Eq. 17). The offset ``s`` keeps beta small near t = 0 so the model
+    can predict the noise accurately there.
 
     Args:
         u: fractional time(s) ``t / T`` in [0, 1], any shape.
@@ -95,8 +97,8 @@ def betas_from_alpha_bar(
     """Betas of a chain whose cumulative product follows ``alpha_bar(u)`` for ``u = t / T`` in [0, 1].
 
     ``beta_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta)``: only consecutive ratios are used, and
-    each beta is clipped (the paper clips at 0.999 to avoid singularities near t = T). ``alpha_bar`` need not be
-    normalised: ``alpha_bar(0)`` cancels in the ratios.
+    each beta is clipped (the paper clips at 0.999 to avoid singularities near t = T). ``alpha_bar`` need not
+    be normalised: ``alpha_bar(0)`` cancels in the ratios.
 
     Args:
         alpha_bar: a function of a python float ``u`` in [0, 1], positive on [0, 1).
@@ -157,7 +159,8 @@ class Schedule:
         posterior_log_var_clipped: log beta~_t with the t = 0 entry replaced by log beta~_1 (log 0 = -inf).
         posterior_mean_coef1, posterior_mean_coef2: mu~_t = coef1 * x0 + coef2 * x_t (paper Eq. 11).
         snr: alpha_bar / (1 - alpha_bar), the signal-to-noise ratio of x_t.
-        timesteps: int64 map from this chain's index to the original chain's index (arange(T) if not respaced).
+        timesteps: int64 map from this chain's index to the original chain's index (arange(T) if not
+            respaced).
         original_num_steps: T of the original chain (what the network was trained on).
     """
 
@@ -181,7 +184,9 @@ class Schedule:
 
     @classmethod
     def from_betas(
-        cls, betas: Tensor | Sequence[float], timesteps: Tensor | Sequence[int] | None = None,
+        cls,
+        betas: Tensor | Sequence[float],
+        timesteps: Tensor | Sequence[int] | None = None,
         original_num_steps: int | None = None,
     ) -> Schedule:
         """Derive every quantity from ``betas`` in float64.
@@ -212,7 +217,8 @@ class Schedule:
             original_num_steps = int(timesteps[-1]) + 1
         if int(timesteps[-1]) >= original_num_steps:
             raise ValueError(
-                f"timesteps reach {int(timesteps[-1])}, outside the original chain of {original_num_steps} steps"
+                f"timesteps reach {int(timesteps[-1])}, outside the original chain of "
+                f"{original_num_steps} steps"
             )
 
         alphas = 1.0 - betas
@@ -320,7 +326,9 @@ def extract(a: Tensor, t: Tensor, x: Tensor) -> Tensor:
         ``(B, 1, ..., 1)`` with ``x.ndim`` dims, dtype of ``x`` (float32 if ``x`` is not floating point).
     """
     if t.ndim != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(f"t must have shape ({x.shape[0]},) to match x of shape {tuple(x.shape)}; got {tuple(t.shape)}")
+        raise ValueError(
+            f"t must have shape ({x.shape[0]},) to match x of shape {tuple(x.shape)}; got {tuple(t.shape)}"
+        )
     dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     if x.device.type == "mps" and a.dtype == torch.float64:
         a = a.float()
