@@ -1,0 +1,874 @@
+"""Training: ``TrainConfig``, one training step, and the resumable, multi-GPU training loop.
+
+What the loop does each step (the authors' ``TrainLoop.run_step``, spec §14, with the fixes listed below)::
+
+    zero grads; lr = base_lr * (1 - step / lr_anneal_steps)          (if annealing)
+    for each microbatch (x_m, y_m) of the rank's batch:
+        t, w = sampler.sample(m)                                     (importance weights w = 1 / (T p_t))
+        losses = training_losses(s, model, x_m, t)                   ((m,) per-example terms)
+        sampler.update(t, losses["loss"])                            (UNWEIGHTED, all-gathered over ranks)
+        backward( sum(losses["loss"] * w) / B )                      (share m/B of the batch mean)
+    optimizer step (AdamW); every EMA: ema = rate * ema + (1 - rate) * param
+
+Differences from the authors' loop, on purpose:
+
+* **It stops.** ``steps`` (and/or ``lr_anneal_steps``) bound the run; the authors' loop never ends unless
+  ``lr_anneal_steps > 0`` (their issue #67).
+* **Microbatches give the batch mean.** The authors add up each microbatch's *mean*, so with k microbatches
+  the gradient is k times the full-batch gradient (and Adam hides most of it). Here each microbatch's
+  weighted loss sum is divided by the full batch size, so the gradient equals the full-batch mean exactly
+  and ``--microbatch`` only trades memory for time.
+* **Mixed precision by autocast** (bf16, or fp16 + ``GradScaler``; :mod:`iddpm.precision`) instead of
+  hand-kept fp16 master weights. fp16 steps with inf/NaN gradients are skipped by the scaler; the EMA still
+  updates on those steps (the authors skip it), which only moves it toward unchanged weights.
+* **No host syncs in the hot loop** from this file: EMA via ``torch._foreach_*``, logging sums and the
+  NaN/inf detector stay on the device and are read once per ``log_every`` steps (and before every save).
+  (``training_losses`` validates ``t`` on the host, and the loss-second-moment sampler's ``update`` copies
+  the losses to the CPU; both are outside this file.)
+* **Logs use the importance-weighted losses,** as the authors' ``log_loss_dict``: means of ``loss``,
+  ``mse``, ``vlb`` (``L_t`` in bits/dim, unscaled) and per-quarter means ``loss_q0..q3`` keyed by
+  ``int(4 t / T)``.
+
+Multi-GPU: launch with ``torchrun``; ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` are read from the environment,
+``batch_size`` is global and split evenly, gradients are averaged by DDP, only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt_io
+from .ema import check_rate, copy_buffers, ema_update, make_ema
+from .losses import training_losses
+from .precision import PrecisionPolicy, autocast, make_scaler, resolve_precision
+from .resample import UniformSampler, make_sampler
+from .schedules import Schedule
+from .unet import PRESETS, UNet, UNetConfig
+
+__all__ = [
+    "HARMLESS_FIELDS",
+    "DistInfo",
+    "NonFiniteLossError",
+    "StepOutput",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "load_model",
+    "lr_at",
+    "make_train_state",
+    "setup_distributed",
+    "train",
+    "train_step",
+]
+
+_VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
+_LEARNED = ("learned", "learned_range")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (saved in every checkpoint with ``asdict``).
+
+    The defaults are the paper's CIFAR-10 L_hybrid run (spec §15) except ``steps``. Fields in
+    :data:`HARMLESS_FIELDS` may change when resuming; any other difference refuses the checkpoint.
+
+    Attributes:
+        preset: a :data:`iddpm.unet.PRESETS` name; ``model_overrides`` replaces fields of it.
+            ``in_channels`` comes from the dataset, ``learn_sigma`` from ``var_type``, ``num_classes`` from
+            ``class_cond``, and ``image_size`` from the field below (else the preset's).
+        dataset, data_root, download: what :func:`iddpm.data.load_dataset` gets.
+        image_size: training resolution (the dataset is fitted to it); None = the preset's.
+        schedule, diffusion_steps: noise schedule ``"cosine"``/``"linear"`` and T.
+        loss_type, mean_type, var_type, rescale_timesteps, vlb_weight: see
+            :func:`iddpm.losses.training_losses`.
+        schedule_sampler: ``"uniform"`` or ``"loss-second-moment"`` (importance sampling of t, paper §3.3).
+        lr, weight_decay: AdamW (no warm-up, no clipping, as the authors).
+        batch_size: GLOBAL batch, split evenly over the ranks. microbatch: per-rank chunk (-1 = none).
+        ema_rates: EMA decays kept (each a full model copy).
+        steps: stop after this many optimiser steps (0 = run until ``lr_anneal_steps``).
+        lr_anneal_steps: if > 0, the lr falls linearly to 0 at this step and training stops there.
+        log_every, save_every, sample_every: intervals in steps (0: save/sample only at the end).
+        sample_num, sample_respacing: the grid written every ``sample_every`` steps (EMA model, fast sampler).
+        out_dir: where ``log.jsonl``, ``config.json``, checkpoints and sample grids go.
+        seed: model init, data order, t and noise draws.
+        precision: ``"auto"|"fp32"|"bf16"|"fp16"`` (see :mod:`iddpm.precision`).
+        channels_last: None = on for CUDA only. compile: ``torch.compile`` the training model.
+        class_cond: condition on the dataset's labels. flip: random horizontal flips (the authors: none).
+        device: ``"auto"`` (cuda > mps > cpu; ``cuda:LOCAL_RANK`` under torchrun) or a torch device string.
+        progress: show a tqdm progress bar (rank 0).
+    """
+
+    preset: str = "cifar10"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "cifar10"
+    data_root: str | None = None
+    download: bool = False
+    image_size: int | None = None
+    schedule: str = "cosine"
+    diffusion_steps: int = 4000
+    loss_type: str = "hybrid"
+    mean_type: str = "eps"
+    var_type: str = "learned_range"
+    rescale_timesteps: bool = True
+    vlb_weight: float = 1e-3
+    schedule_sampler: str = "uniform"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    microbatch: int = -1
+    ema_rates: tuple[float, ...] = (0.9999,)
+    steps: int = 500_000
+    lr_anneal_steps: int = 0
+    log_every: int = 100
+    save_every: int = 10_000
+    sample_every: int = 10_000
+    sample_num: int = 64
+    sample_respacing: str = "100"
+    out_dir: str = "runs/iddpm"
+    seed: int = 0
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+    class_cond: bool = False
+    flip: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        from .data import DATASET_NAMES  # local: data imports numpy-heavy readers lazily anyway
+
+        if self.dataset not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {DATASET_NAMES}")
+        choices = {
+            "schedule": ("cosine", "linear"),
+            "loss_type": ("simple", "hybrid", "vlb"),
+            "mean_type": ("eps", "x0", "xprev"),
+            "var_type": _VAR_TYPES,
+            "schedule_sampler": ("uniform", "loss-second-moment"),
+            "precision": ("auto", "fp32", "bf16", "fp16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.loss_type == "hybrid" and self.var_type not in _LEARNED:
+            raise ValueError(
+                "loss_type='hybrid' trains a learned variance: use var_type 'learned_range' or 'learned'"
+            )
+        if self.loss_type == "simple" and self.var_type in _LEARNED:
+            raise ValueError(
+                "loss_type='simple' leaves a learned variance untrained: use 'hybrid', or a fixed var_type"
+            )
+        for name in ("diffusion_steps", "batch_size", "log_every", "sample_num"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("steps", "lr_anneal_steps", "save_every", "sample_every", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.steps == 0 and self.lr_anneal_steps == 0:
+            raise ValueError("set steps > 0 and/or lr_anneal_steps > 0: training must have an end")
+        if self.microbatch == 0 or self.microbatch < -1:
+            raise ValueError(f"microbatch must be -1 (off) or a positive int, got {self.microbatch}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.vlb_weight < 0:
+            raise ValueError("need lr > 0, weight_decay >= 0 and vlb_weight >= 0")
+        if not self.ema_rates:
+            raise ValueError("ema_rates needs at least one rate, e.g. (0.9999,)")
+        object.__setattr__(self, "ema_rates", tuple(check_rate(r) for r in self.ema_rates))
+        if len(set(self.ema_rates)) != len(self.ema_rates):
+            raise ValueError(f"ema_rates has duplicates: {self.ema_rates}")
+        if not isinstance(self.model_overrides, dict):
+            raise TypeError(
+                f"model_overrides must be a dict of UNetConfig fields, got {self.model_overrides!r}"
+            )
+        object.__setattr__(self, "model_overrides", dict(self.model_overrides))
+        unet_fields = {f.name for f in dataclasses.fields(UNetConfig)}
+        bad = sorted(set(self.model_overrides) - unet_fields)
+        if bad:
+            raise ValueError(
+                f"model_overrides has unknown UNetConfig field(s) {bad}; fields: {sorted(unet_fields)}"
+            )
+
+    @property
+    def total_steps(self) -> int:
+        """Where training stops: the smaller of the positive ``steps`` and ``lr_anneal_steps``."""
+        return min(s for s in (self.steps, self.lr_anneal_steps) if s > 0)
+
+
+# Fields that may differ between a checkpoint and the resuming run (they change where/how often things are
+# written, or only the speed/numerics policy, not the run being continued). Anything else is refused by name.
+HARMLESS_FIELDS: frozenset[str] = frozenset(
+    {"steps", "out_dir", "log_every", "save_every", "sample_every", "sample_num", "sample_respacing",
+     "progress", "compile", "precision", "channels_last", "device", "data_root", "download"}
+)  # fmt: skip
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN/inf; ``step`` (1-based) and ``term`` say where first."""
+
+    def __init__(self, step: int, term: str, checkpoint: Path | None) -> None:
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        super().__init__(
+            f"loss term {term!r} became non-finite (NaN/inf) at step {step}; training stopped and {kept}. "
+            "Try a lower lr, precision='fp32', or check the data."
+        )
+        self.step, self.term, self.checkpoint = step, term, checkpoint
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+class DistInfo(NamedTuple):
+    """Where this process sits: ``rank`` of ``world_size``, its ``local_rank`` and its ``device``."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Read torchrun's environment and start the process group if ``WORLD_SIZE > 1``.
+
+    Backend: NCCL when the device is CUDA (each rank on ``cuda:LOCAL_RANK``), gloo otherwise (CPU tests).
+    Without ``WORLD_SIZE`` (a plain ``python -m iddpm train``) nothing is initialised.
+    """
+    from .runtime import get_device
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = get_device(None if device == "auto" else device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, local_rank, world_size, dev)
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+# --------------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    """Everything the step function mutates (built by :func:`make_train_state`)."""
+
+    cfg: TrainConfig
+    unet_cfg: UNetConfig
+    dist: DistInfo
+    schedule: Schedule
+    model: nn.Module  # the raw module (state dicts, EMA source)
+    step_model: Callable[..., Tensor]  # what the step calls: model, DDP(model), or compiled
+    ddp: nn.Module | None
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    policy: PrecisionPolicy
+    emas: dict[float, nn.Module]
+    sampler: Any
+    gen_t: torch.Generator  # CPU: timestep draws (same t on any device)
+    gen_noise: torch.Generator  # on the device: the q_sample noise
+    channels_last: bool
+    step: int = 0
+    params: list[Tensor] = field(default_factory=list)
+    ema_params: dict[float, list[Tensor]] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+
+def resolve_unet_config(cfg: TrainConfig, in_channels: int, num_classes: int | None) -> UNetConfig:
+    """The model config of a run: preset + overrides, with data-dependent fields filled in."""
+    base = UNetConfig.preset(cfg.preset, **cfg.model_overrides)
+    if cfg.class_cond and num_classes is None:
+        raise ValueError(f"class_cond=True but dataset {cfg.dataset!r} has no labels")
+    if base.num_classes is not None and not cfg.class_cond:
+        raise ValueError(f"preset {cfg.preset!r} is class-conditional: set class_cond=True (--class-cond)")
+    return dataclasses.replace(
+        base,
+        image_size=cfg.image_size or base.image_size,
+        in_channels=in_channels,
+        learn_sigma=cfg.var_type in _LEARNED,
+        num_classes=num_classes if cfg.class_cond else None,
+    )
+
+
+def make_optimizer(params: list[Tensor], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: fused on CUDA (one kernel for all parameters), foreach elsewhere."""
+    kw: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
+
+
+def make_train_state(
+    cfg: TrainConfig, unet_cfg: UNetConfig, info: DistInfo, checkpoint: dict[str, Any] | None = None
+) -> TrainState:
+    """Build model, EMAs, optimiser, scaler, sampler and generators (and load ``checkpoint`` into them).
+
+    The model is initialised from ``cfg.seed`` on every rank, so replicas start identical (DDP also
+    broadcasts rank 0's weights). Loading happens before DDP/compile wrap the model.
+    """
+    device = info.device
+    if device.type == "cuda":
+        # Fixed shapes every step: let cuDNN time its convolution algorithms once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed)
+    model = UNet(unet_cfg).to(device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    emas = {rate: make_ema(model) for rate in cfg.ema_rates}
+    opt = make_optimizer(list(model.parameters()), cfg, device)
+    policy = resolve_precision(cfg.precision, device)
+    scaler = make_scaler(policy, device)
+    schedule = Schedule.named(cfg.schedule, cfg.diffusion_steps).to(device)
+    sampler = make_sampler(cfg.schedule_sampler, cfg.diffusion_steps)
+    # Different draws per rank (else every rank would train on the same t and noise).
+    gen_t = torch.Generator().manual_seed(cfg.seed * 7919 + 2 * info.rank + 1)
+    gen_noise = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 2 * info.rank + 2)
+    torch.manual_seed(cfg.seed * 7919 + 2 * info.rank + 3)  # dropout
+    step = 0
+    if checkpoint is not None:
+        step = _load_into(checkpoint, model, emas, opt, scaler, sampler, info)
+    ddp = None
+    step_model: Callable[..., Tensor] = model
+    if info.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        step_model = ddp
+    if cfg.compile:
+        step_model = torch.compile(step_model)
+    st = TrainState(
+        cfg=cfg, unet_cfg=unet_cfg, dist=info, schedule=schedule, model=model, step_model=step_model,
+        ddp=ddp, opt=opt, scaler=scaler, policy=policy, emas=emas, sampler=sampler, gen_t=gen_t,
+        gen_noise=gen_noise, channels_last=channels_last, step=step,
+    )  # fmt: skip
+    st.params = list(model.parameters())
+    st.ema_params = {rate: list(m.parameters()) for rate, m in emas.items()}
+    return st
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for the step after ``step`` completed ones: linear anneal to 0 if ``lr_anneal_steps``."""
+    if cfg.lr_anneal_steps <= 0:
+        return cfg.lr
+    return cfg.lr * max(0.0, 1.0 - step / cfg.lr_anneal_steps)
+
+
+class StepOutput(NamedTuple):
+    """What one step computed (device tensors, nothing synced): ``t``, ``w`` ``(B_rank,)`` and per-example
+    ``losses`` (``loss``/``mse``/``vlb``, each ``(B_rank,)``, unweighted, detached)."""
+
+    t: Tensor
+    w: Tensor
+    losses: dict[str, Tensor]
+
+
+def train_step(st: TrainState, x: Tensor, y: Tensor | None = None) -> StepOutput:
+    """One optimiser step on this rank's batch, then every EMA update. Used by :func:`train` and the bench.
+
+    Args:
+        st: the training state (mutated: parameters, optimiser, EMAs, sampler, generators, ``st.step``).
+        x: ``(B_rank, C, H, W)`` images in ``[-1, 1]`` on ``st.device``.
+        y: ``(B_rank,)`` int64 labels (class-conditional models only).
+    """
+    cfg, device = st.cfg, st.device
+    if st.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    B = x.shape[0]
+    mb = B if cfg.microbatch <= 0 else min(cfg.microbatch, B)
+    lr = lr_at(cfg, st.step)
+    for g in st.opt.param_groups:
+        g["lr"] = lr
+    st.opt.zero_grad(set_to_none=True)
+    ts, ws, terms = [], [], []
+    for start in range(0, B, mb):
+        xm = x[start : start + mb]
+        kwargs = {"y": y[start : start + mb]} if st.unet_cfg.num_classes is not None else None
+        t, w = st.sampler.sample(xm.shape[0], device, generator=st.gen_t)
+        last = start + mb >= B
+        # Only the last microbatch all-reduces gradients; the others accumulate locally.
+        sync = st.ddp.no_sync() if (st.ddp is not None and not last) else contextlib.nullcontext()
+        with sync:
+            with autocast(st.policy, device):
+                losses = training_losses(
+                    st.schedule, st.step_model, xm, t, loss_type=cfg.loss_type, mean_type=cfg.mean_type,
+                    var_type=cfg.var_type, vlb_weight=cfg.vlb_weight, rescale_timesteps=cfg.rescale_timesteps,
+                    generator=st.gen_noise, model_kwargs=kwargs,
+                )  # fmt: skip
+            losses = {k: v.float() for k, v in losses.items()}
+            if not isinstance(
+                st.sampler, UniformSampler
+            ):  # a uniform sampler learns nothing: skip its checks
+                # NaN/inf are zeroed here so every rank still joins the sampler's all-gather; the NaN detector
+                # stops the run at the next check and nothing after this step is ever saved.
+                st.sampler.update(
+                    t, torch.nan_to_num(losses["loss"].detach(), nan=0.0, posinf=0.0, neginf=0.0)
+                )
+            # Share m/B of the batch mean, so the microbatch gradients add up to the full-batch mean gradient.
+            loss = (losses["loss"] * w).sum() / B
+            if st.scaler is not None:
+                st.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        ts.append(t)
+        ws.append(w)
+        terms.append({k: v.detach() for k, v in losses.items()})
+    if st.scaler is not None:
+        st.scaler.step(st.opt)
+        st.scaler.update()
+    else:
+        st.opt.step()
+    for rate, ema_p in st.ema_params.items():
+        ema_update(ema_p, st.params, rate)
+    st.step += 1
+    if len(ts) == 1:
+        return StepOutput(ts[0], ws[0], terms[0])
+    return StepOutput(torch.cat(ts), torch.cat(ws), {k: torch.cat([d[k] for d in terms]) for k in terms[0]})
+
+
+# --------------------------------------------------------------------------------------------------- logging
+
+
+class _Stats:
+    """Device-side running sums of the logged terms and a NaN/inf detector, read once per interval."""
+
+    def __init__(self, keys: list[str], T: int, device: torch.device) -> None:
+        self.keys, self.T, self.device = keys, T, device
+        self.reset()
+        self.first_bad = torch.full((len(keys),), -1, dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        K = len(self.keys)
+        self.sums = torch.zeros(K, dtype=torch.float64, device=self.device)
+        self.q_sums = torch.zeros(K, 4, dtype=torch.float64, device=self.device)
+        self.q_counts = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.n = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, step: int, out: StepOutput) -> None:
+        vals = torch.stack(
+            [out.losses[k].double() * out.w for k in self.keys]
+        )  # (K, B) weighted, as the authors
+        self.sums += vals.mean(1)
+        q = torch.div(4 * out.t, self.T, rounding_mode="floor").clamp_(0, 3)  # int(4 t / T)
+        self.q_sums.index_add_(1, q, vals)
+        self.q_counts.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
+        bad = ~torch.isfinite(vals).all(1)
+        self.first_bad = torch.where(
+            bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad
+        )
+        self.n += 1
+
+    def check(self) -> tuple[int, str] | None:
+        """(step, term) of the first non-finite term seen on any rank, or None. One host sync."""
+        fb = self.first_bad.clone()
+        if _is_dist():
+            fb = torch.where(fb < 0, torch.full_like(fb, 2**62), fb)
+            dist.all_reduce(fb, op=dist.ReduceOp.MIN)
+            fb = torch.where(fb == 2**62, torch.full_like(fb, -1), fb)
+        vals = fb.tolist()
+        hits = [(s, k) for s, k in zip(vals, self.keys, strict=True) if s >= 0]
+        return min(hits) if hits else None
+
+    def flush(self, step: int, lr: float, global_batch: int) -> dict[str, Any]:
+        """Averages since the last flush (over ranks too) as a JSON-able record; resets the sums."""
+        packed = torch.cat([self.sums, self.q_sums.flatten(), self.q_counts])
+        if _is_dist():
+            dist.all_reduce(packed)
+            packed[: len(self.keys)] /= dist.get_world_size()
+        vals = packed.tolist()
+        elapsed = time.perf_counter() - self.t0
+        K = len(self.keys)
+        rec: dict[str, Any] = {"step": step}
+        for i, k in enumerate(self.keys):
+            rec[k] = vals[i] / max(self.n, 1)
+            for q in range(4):
+                c = vals[K + 4 * K + q]
+                if c > 0:
+                    rec[f"{k}_q{q}"] = vals[K + i * 4 + q] / c
+        rec.update(
+            lr=lr,
+            step_time_s=elapsed / max(self.n, 1),
+            samples_per_s=global_batch * self.n / max(elapsed, 1e-9),
+        )
+        self.reset()
+        return rec
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not _is_dist():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _state_dict(st: TrainState, data_state: dict[str, int]) -> dict[str, Any] | None:
+    """The checkpoint dict on rank 0 (None elsewhere). Collective: every rank must call it."""
+    rngs = _gather(ckpt_io.rng_state({"t": st.gen_t, "noise": st.gen_noise}))
+    if st.dist.rank != 0:
+        return None
+    for m in st.emas.values():
+        copy_buffers(st.model, m)
+    return {
+        "format": ckpt_io.FORMAT,
+        "config": asdict(st.cfg),
+        "model_config": asdict(st.unet_cfg),
+        "step": st.step,
+        "world_size": st.dist.world_size,
+        "model": st.model.state_dict(),
+        "ema": {repr(rate): m.state_dict() for rate, m in st.emas.items()},
+        "opt": st.opt.state_dict(),
+        "scaler": st.scaler.state_dict() if st.scaler is not None else None,
+        "sampler": st.sampler.state_dict(),
+        "data": data_state,
+        "rng": rngs,
+    }
+
+
+def _load_into(
+    ck: dict, model: nn.Module, emas: dict, opt: Any, scaler: Any, sampler: Any, info: DistInfo
+) -> int:
+    model.load_state_dict(ck["model"])
+    for rate, m in emas.items():
+        key = repr(rate)
+        if key not in ck["ema"]:
+            raise ckpt_io.CheckpointError(f"checkpoint has EMA rates {sorted(ck['ema'])}, not {key}")
+        m.load_state_dict(ck["ema"][key])
+    saved_opt = ck["opt"]
+    # Keep this machine's kernel choice (fused on CUDA, foreach on CPU) instead of the saved one.
+    for g_saved, g_now in zip(saved_opt["param_groups"], opt.param_groups, strict=True):
+        for key in ("fused", "foreach", "capturable", "differentiable"):
+            if key in g_now:
+                g_saved[key] = g_now[key]
+    opt.load_state_dict(saved_opt)
+    if scaler is not None and ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    sampler.load_state_dict(ck["sampler"])
+    return int(ck["step"])
+
+
+def _restore_rng(ck: dict, st: TrainState) -> bool:
+    """Restore this rank's RNG states if the world size matches; returns whether it did."""
+    rngs = ck.get("rng") or []
+    if len(rngs) != st.dist.world_size:
+        return False
+    ckpt_io.set_rng_state(rngs[st.dist.rank], {"t": st.gen_t, "noise": st.gen_noise})
+    return True
+
+
+def _params_finite(params: list[Tensor]) -> bool:
+    norms = torch._foreach_norm(params)
+    ok = torch.stack([torch.isfinite(n) for n in norms]).all()
+    if _is_dist():
+        ok = ok.to(torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
+def load_training_checkpoint(path: str | os.PathLike, cfg: TrainConfig) -> dict[str, Any]:
+    """Read a training checkpoint safely and refuse it if it was made with a different config."""
+    ck = ckpt_io.safe_load(path)
+    if ck.get("format") != ckpt_io.FORMAT:
+        raise ckpt_io.CheckpointError(
+            f"{path} is not an iddpm training checkpoint (format {ck.get('format')!r})"
+        )
+    ckpt_io.check_config(ck["config"], asdict(cfg), ignore=HARMLESS_FIELDS)
+    return ck
+
+
+def config_from_checkpoint(ck: dict[str, Any], **changes: Any) -> TrainConfig:
+    """Rebuild the ``TrainConfig`` stored in a checkpoint (tuples restored), with ``changes`` applied."""
+    d = dict(ck["config"])
+    d["ema_rates"] = tuple(d["ema_rates"])
+    d.update(changes)
+    return TrainConfig(**d)
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    use_ema: bool = True,
+    rate: float | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, TrainConfig, UNetConfig, int]:
+    """Load a model for sampling/evaluation from a training checkpoint.
+
+    Args:
+        path: a ``.pt`` written by :func:`train`.
+        use_ema: take the EMA weights (what the paper samples from) instead of the raw ones.
+        rate: which EMA rate (default: the first one saved).
+        device: where to put the model (eval mode, no grad).
+
+    Returns:
+        ``(model, train_config, unet_config, step)``.
+    """
+    ck = ckpt_io.safe_load(path)
+    if ck.get("format") != ckpt_io.FORMAT:
+        raise ckpt_io.CheckpointError(
+            f"{path} is not an iddpm training checkpoint (format {ck.get('format')!r})"
+        )
+    mc = dict(ck["model_config"])
+    for k in ("channel_mult", "attention_resolutions"):
+        if mc.get(k) is not None:
+            mc[k] = tuple(mc[k])
+    unet_cfg = UNetConfig(**mc)
+    cfg = config_from_checkpoint(ck)
+    if use_ema:
+        key = repr(float(rate)) if rate is not None else next(iter(ck["ema"]))
+        if key not in ck["ema"]:
+            raise ValueError(f"no EMA rate {rate} in {path}; it has {sorted(ck['ema'])}")
+        sd = ck["ema"][key]
+    else:
+        sd = ck["model"]
+    model = UNet(unet_cfg)
+    model.load_state_dict(sd)
+    model.to(device).eval().requires_grad_(False)
+    if torch.device(device).type == "cuda":
+        model.to(memory_format=torch.channels_last)  # faster convolutions; conv outputs follow the weights
+    return model, cfg, unet_cfg, int(ck["step"])
+
+
+# --------------------------------------------------------------------------------------------------- loop
+
+
+class TrainResult(NamedTuple):
+    """How a run ended: ``step`` reached, the ``checkpoint`` written last, ``interrupted`` by Ctrl-C, and the
+    ``last_log`` record (means of the last interval)."""
+
+    step: int
+    checkpoint: Path | None
+    interrupted: bool
+    last_log: dict[str, Any]
+
+
+@torch.no_grad()
+def save_sample_grid(st: TrainState, path: Path) -> Path:
+    """Sample ``cfg.sample_num`` images from the first EMA model (respaced ancestral sampler) into a PNG."""
+    from .data import save_png, to_uint8
+    from .respace import respace, space_timesteps
+    from .sampling import sample
+
+    cfg, ucfg = st.cfg, st.unet_cfg
+    fast = respace(st.schedule.to("cpu"), space_timesteps(cfg.diffusion_steps, cfg.sample_respacing)).to(
+        st.device
+    )
+    ema = st.emas[cfg.ema_rates[0]]
+    gen = torch.Generator(device=st.device).manual_seed(cfg.seed + 12345)
+    n = cfg.sample_num
+    kwargs = None
+    if ucfg.num_classes is not None:
+        kwargs = {"y": torch.arange(n, device=st.device) % ucfg.num_classes}
+    with autocast(st.policy, st.device):
+        x = sample(
+            ema, fast, (n, ucfg.in_channels, ucfg.image_size, ucfg.image_size), mean_type=cfg.mean_type,
+            var_type=cfg.var_type, rescale_timesteps=cfg.rescale_timesteps, generator=gen,
+            model_kwargs=kwargs, device=st.device,
+        )  # fmt: skip
+    return save_png(path, to_uint8(x.float()))
+
+
+def _install_sigint(flag: threading.Event) -> Callable[[], None]:
+    """First Ctrl-C sets ``flag`` (the loop saves at the next step boundary); a second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: str | os.PathLike | None = None,
+    callback: Callable[[int, StepOutput], None] | None = None,
+) -> TrainResult:
+    """Train until ``cfg.total_steps``, logging, checkpointing and sampling along the way.
+
+    Args:
+        cfg: the run.
+        resume: a checkpoint path, ``"auto"`` (``out_dir/latest.pt`` if present, else a fresh start) or None.
+        callback: called as ``callback(step, out)`` after every completed step (1-based ``step``), e.g. to
+            record losses in a notebook. Raising ``KeyboardInterrupt`` from it behaves like Ctrl-C.
+
+    Returns:
+        :class:`TrainResult`.
+
+    Raises:
+        NonFiniteLossError: a loss term went NaN/inf (the last good checkpoint is kept, nothing bad is saved).
+        CheckpointError: ``resume`` points at an unsafe file or one from a different config.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import ImageBatches, load_dataset
+
+    info = setup_distributed(cfg.device)
+    if cfg.batch_size % info.world_size:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is global and must divide evenly over {info.world_size} processes"
+        )
+    per_rank = cfg.batch_size // info.world_size
+    out_dir = Path(cfg.out_dir)
+    is_main = info.rank == 0
+
+    ck = None
+    if resume == "auto":
+        resume = ckpt_io.find_resume(out_dir)
+    if resume is not None:
+        ck = load_training_checkpoint(resume, cfg)
+
+    base = UNetConfig.preset(cfg.preset, **cfg.model_overrides)
+    size = cfg.image_size or base.image_size
+    data = load_dataset(cfg.dataset, root=cfg.data_root, download=cfg.download, image_size=size)  # type: ignore[arg-type]
+    unet_cfg = resolve_unet_config(cfg, data.shape[0], data.num_classes)
+    batches = ImageBatches(
+        data, per_rank, shuffle=True, flip=cfg.flip, seed=cfg.seed, drop_last=True, rank=info.rank,
+        world_size=info.world_size, device=info.device,
+    )  # fmt: skip
+    st = make_train_state(cfg, unet_cfg, info, ck)
+    exact = True
+    if ck is not None:
+        if ck.get("world_size") == info.world_size:
+            batches.load_state_dict(ck["data"])
+            exact = _restore_rng(ck, st)
+        else:
+            exact = False
+            if is_main:
+                print(f"note: checkpoint from {ck.get('world_size')} process(es); data order and RNG restart")
+
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    log_path = out_dir / "log.jsonl"
+    total = cfg.total_steps
+    last_ckpt: Path | None = Path(resume) if resume is not None else None
+    stats: _Stats | None = None
+    last_log: dict[str, Any] = {}
+    stop = threading.Event()
+    restore_sigint = _install_sigint(stop)
+    bar = tqdm(
+        total=total, initial=st.step, disable=not (is_main and cfg.progress), desc="train", dynamic_ncols=True
+    )
+
+    def check_finite() -> None:
+        bad = stats.check() if stats is not None else None
+        if bad is not None:
+            raise NonFiniteLossError(bad[0], bad[1], last_ckpt)
+
+    def save() -> None:
+        nonlocal last_ckpt
+        check_finite()
+        if not _params_finite(st.params):
+            raise NonFiniteLossError(st.step, "parameters", last_ckpt)
+        state = _state_dict(st, batches.state_dict())
+        if state is not None:
+            last_ckpt = ckpt_io.save_train_checkpoint(state, out_dir, st.step)
+
+    def log(rec: dict[str, Any]) -> None:
+        if is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    if is_main and ck is not None:
+        log({"event": "resume", "step": st.step, "from": str(resume), "exact": exact})
+    interrupted = False
+    saved_step = st.step if ck is not None else -1
+    try:
+        while st.step < total:
+            try:
+                x, y = next(batches)
+            except KeyboardInterrupt:
+                interrupted = True  # between steps: the state is consistent, save it below
+                break
+            # A KeyboardInterrupt inside the step (a 2nd Ctrl-C, or no handler off the main thread) may land
+            # between the optimiser and EMA updates, so it propagates without saving a possibly torn state.
+            out = train_step(st, x, y)
+            if stats is None:
+                stats = _Stats(sorted(out.losses), cfg.diffusion_steps, info.device)
+            stats.add(st.step, out)
+            if callback is not None:
+                try:
+                    callback(st.step, out)
+                except KeyboardInterrupt:
+                    stop.set()
+            bar.update(1)
+            done = st.step >= total
+            at_log = st.step % cfg.log_every == 0 or done
+            if info.world_size == 1:
+                interrupted = stop.is_set()
+            elif at_log:
+                # Ranks see Ctrl-C at different steps: agree at log boundaries so all stop at the same step.
+                flag = torch.tensor([int(stop.is_set())], device=info.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                interrupted = bool(flag.item())
+            if at_log or interrupted:
+                check_finite()
+                rec = stats.flush(st.step, lr_at(cfg, st.step - 1), cfg.batch_size)
+                last_log = rec
+                log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if interrupted:
+                break
+            if cfg.save_every and st.step % cfg.save_every == 0 and not done:
+                save()
+                saved_step = st.step
+            if is_main and cfg.sample_every and st.step % cfg.sample_every == 0 and not done:
+                save_sample_grid(st, out_dir / f"samples_{st.step:07d}.png")
+        if st.step > 0 and saved_step != st.step:
+            save()
+        if is_main and cfg.sample_every and not interrupted and st.step > 0:
+            save_sample_grid(st, out_dir / f"samples_{st.step:07d}.png")
+        if info.world_size > 1:
+            log({"event": "replicas", "step": st.step, "max_abs_diff": _replica_diff(st.params)})
+        if interrupted and is_main:
+            log({"event": "interrupted", "step": st.step, "checkpoint": str(last_ckpt)})
+    finally:
+        bar.close()
+        restore_sigint()
+    return TrainResult(st.step, last_ckpt, interrupted, last_log)
+
+
+def _replica_diff(params: list[Tensor]) -> float:
+    """Largest |param - rank 0's param| over all ranks (0.0 when replicas are identical). Collective."""
+    flat = torch.cat([p.detach().flatten().float() for p in params])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
+def cleanup_distributed() -> None:
+    """Destroy the process group if one was started."""
+    if _is_dist():
+        dist.destroy_process_group()

@@ -1,0 +1,98 @@
+"""The benchmark runs in seconds on CPU with the tiny preset, and the one-shot GPU script works end to end."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from iddpm.bench import bench, count_params, format_table
+from iddpm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+KEYS = {
+    "preset", "params", "device", "gpu", "torch", "precision", "compile", "channels_last", "batch",
+    "train_ms_per_step", "train_img_per_s", "train_flops_per_step", "train_tflops", "train_peak_mem_gib",
+    "fwd_flops_per_image", "sample_batch", "sample_steps", "sample_ms_per_eval", "sample_img_per_s",
+    "sample_tflops", "sample_peak_mem_gib", "peak_rss_gib",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: avoid thread oversubscription
+    yield
+    torch.set_num_threads(n)
+
+
+def test_param_counts_on_the_meta_device():
+    assert count_params("cifar10") == 52_546_438  # spec §13, the authors' CIFAR-10 model
+    assert count_params("imagenet64") == 121_063_942
+
+
+def test_bench_cli_tiny_writes_json(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    argv = [
+        "bench",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--sample-batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--sample-steps",
+        "2",
+        "--diffusion-steps",
+        "50",
+        "--json",
+        str(out),
+    ]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert KEYS <= set(r)
+    assert r["params"] == count_params("tiny") and r["sample_steps"] == 2 and r["precision"] == "fp32"
+    assert r["train_img_per_s"] > 0 and r["sample_img_per_s"] > 0 and r["train_peak_mem_gib"] is None
+    # Forward + backward costs about 3 forwards (backward = 2x forward for convs and matmuls).
+    assert 2.5 < r["train_flops_per_step"] / (r["fwd_flops_per_image"] * r["batch"]) < 3.5
+    assert "train step" in capsys.readouterr().out
+
+
+def test_bench_function_and_table_without_sampling():
+    r = bench("tiny", batch=2, steps=1, warmup=0, repeats=1, sample=False, diffusion_steps=20, device="cpu")
+    assert "sample_img_per_s" not in r
+    assert "train step" in format_table(r) and "sample" not in format_table(r).splitlines()[-1]
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        bench("tiny", batch=0, device="cpu")
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
+    env = dict(os.environ, IDDPM_GPU_CHECK_TINY="1", OUT=str(tmp_path), OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    names = [
+        "bench_fp32.json",
+        "mnist_samples.png",
+        "mnist_samples.npz",
+        "mnist_nll.json",
+        "precision_compare.json",
+        "summary.md",
+    ]
+    for name in names:
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "mnist" / "latest.pt").is_file()
+    assert "bench_fp32" in (tmp_path / "summary.md").read_text()
+    assert json.loads((tmp_path / "precision_compare.json").read_text())["points"]

@@ -1,0 +1,136 @@
+"""``python -m iddpm``: flags from TrainConfig, clear errors, and train -> sample -> nll end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iddpm.cli import build_parser, config_from_args, main
+from iddpm.data import read_png
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: avoid thread oversubscription
+    yield
+    torch.set_num_threads(n)
+
+
+def test_flags_are_built_from_the_config_fields():
+    ns = build_parser().parse_args(
+        ["train", "--preset", "tiny", "--dataset", "digits8", "--batch-size", "16",
+         "--ema-rates", "0.999", "0.9",
+         "--model", "dropout=0.1", "channel_mult=(1,2)", "--channels-last", "false", "--no-progress",
+         "--lr-anneal-steps", "50", "--steps", "0"]
+    )  # fmt: skip
+    cfg = config_from_args(ns)
+    assert cfg.batch_size == 16 and cfg.ema_rates == (0.999, 0.9) and cfg.channels_last is False
+    assert cfg.model_overrides == {"dropout": 0.1, "channel_mult": (1, 2)}
+    assert cfg.progress is False and cfg.total_steps == 50 and cfg.lr == 1e-4  # untouched default
+    # Only the flags given override a base config (a checkpoint's, when resuming).
+    cfg2 = config_from_args(build_parser().parse_args(["train", "--steps", "9"]), base=dict(vars(cfg)))
+    assert cfg2.steps == 9 and cfg2.batch_size == 16 and cfg2.ema_rates == (0.999, 0.9)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["train", "--preset", "giant"], "invalid choice: 'giant'"),
+        (["train", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+        (["train", "--batch-size", "many"], "invalid int value"),
+        (["train", "--no-such-flag"], "unrecognized arguments"),
+        (["bench", "--preset", "giant"], "invalid choice"),
+        (["sample"], "the following arguments are required: checkpoint"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_bad_values_give_one_line_errors(tmp_path, capsys):
+    assert main(["train", "--steps", "0", "--lr-anneal-steps", "0", "--out-dir", str(tmp_path)]) == 2
+    assert "must have an end" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "missing.pt")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_cifar10_param_count_via_bench_cli(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["bench", "--preset", "cifar10", "--params-only", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["params"] == 52_546_438  # the authors' CIFAR-10 model (spec §13)
+    assert "52,546,438" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_sample_nll_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--dataset", "digits8", "--diffusion-steps", "20", "--batch-size", "8",
+              "--log-every", "2", "--save-every", "2", "--sample-every", "3", "--sample-num", "4",
+              "--sample-respacing", "5", "--out-dir", str(run), "--no-progress",
+              "--device", "cpu"]  # fmt: skip
+    assert main(["train", *common, "--steps", "3"]) == 0
+    assert (run / "samples_0000003.png").is_file() and (run / "ckpt_0000002.pt").is_file()
+    # --resume auto continues from latest.pt; only the flags given change the stored config.
+    assert main(["train", "--resume", "auto", "--out-dir", str(run), "--steps", "4", "--no-progress"]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [2, 3, 4]
+    # Changing a real setting on resume is refused with the field's name.
+    assert main(["train", "--resume", "auto", "--out-dir", str(run), "--steps", "6", "--lr", "1"]) == 2
+    assert "['lr']" in capsys.readouterr().err
+
+    png = tmp_path / "s.png"
+    ckpt = str(run / "latest.pt")
+    assert main(["sample", ckpt, "--num", "3", "--batch", "2", "--respacing", "5", "--out", str(png),
+                 "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    arr = np.load(png.with_suffix(".npz"))["arr_0"]
+    assert arr.shape == (3, 16, 16, 1) and arr.dtype == np.uint8
+    assert read_png(png).shape[-1] == 1
+    assert main(["sample", ckpt, "--num", "2", "--respacing", "ddim4", "--ddim", "--no-ema", "--out",
+                 str(tmp_path / "d.png"), "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(["sample", ckpt, "--num", "2", "--class-labels", "1,2", "--out", str(tmp_path / "e.png")]) == 2
+    )
+
+    nll_json = tmp_path / "nll.json"
+    assert main(["nll", ckpt, "--num", "3", "--batch", "2", "--respacing", "5", "--json", str(nll_json),
+                 "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    res = json.loads(nll_json.read_text())
+    assert res["num"] == 3 and res["num_steps"] == 5 and len(res["terms_bpd"]) == 5
+    assert np.isfinite(res["bpd"]) and res["bpd"] > res["prior_bpd"] >= 0
+    assert "bits/dim" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "iddpm", "train", "--preset", "tiny", "--dataset", "digits8",
+           "--diffusion-steps", "20", "--batch-size", "4", "--steps", "100000", "--log-every", "1",
+           "--save-every", "0", "--sample-every", "0", "--out-dir", str(tmp_path), "--no-progress",
+           "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            proc.stderr.read() if proc.poll() else "slow"
+        )
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "interrupted at step" in out
+    saved = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert saved["step"] >= 2 and f"interrupted at step {saved['step']}" in out

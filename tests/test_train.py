@@ -1,0 +1,329 @@
+"""Training loop: config validation, exact microbatching, numerics of the fast path, overfitting, exact
+resume, NaN handling, Ctrl-C, config mismatch, and a two-process DDP run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from iddpm import checkpoint as ck
+from iddpm.ema import ema_update
+from iddpm.train import (
+    DistInfo,
+    NonFiniteLossError,
+    TrainConfig,
+    load_model,
+    lr_at,
+    make_train_state,
+    resolve_unet_config,
+    train,
+    train_step,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 shared CPU cores: torch's default thread pool oversubscribes them and runs ~50x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(
+        preset="tiny", dataset="digits8", diffusion_steps=20, batch_size=4, steps=6, log_every=1,
+        save_every=0, sample_every=0, out_dir=str(tmp_path), progress=False, device="cpu",
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def make_state(cfg: TrainConfig):
+    ucfg = resolve_unet_config(cfg, in_channels=1, num_classes=10)
+    return make_train_state(cfg, ucfg, DistInfo(0, 0, 1, CPU))
+
+
+class FixedSampler:
+    """Hands out a fixed t sequence in order (so chunked and whole-batch draws agree), weights 1."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t, self.pos = t, 0
+
+    def sample(self, n, device, generator=None):
+        t = self.t[self.pos : self.pos + n]
+        self.pos += n
+        return t.to(device), torch.ones(n, device=device)
+
+    def update(self, t, losses):
+        pass
+
+
+def batch(n=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, size, size, generator=g) * 2 - 1
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(preset="huge"), "unknown preset"),
+        (dict(dataset="imagenet"), "unknown dataset"),
+        (dict(steps=0, lr_anneal_steps=0), "must have an end"),
+        (dict(microbatch=0), "microbatch"),
+        (dict(loss_type="simple"), "learned variance"),
+        (dict(loss_type="nope"), "loss_type"),
+        (dict(ema_rates=(1.5,)), "EMA rate"),
+        (dict(model_overrides={"widht": 3}), "widht"),
+    ],
+)
+def test_config_errors_say_what_is_allowed(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_model_config_follows_data_and_variance():
+    ucfg = resolve_unet_config(TrainConfig(preset="tiny", var_type="fixed_small", loss_type="simple"), 1, 10)
+    assert ucfg.in_channels == 1 and not ucfg.learn_sigma and ucfg.num_classes is None
+    ucfg = resolve_unet_config(TrainConfig(preset="tiny", class_cond=True, image_size=8), 3, 10)
+    assert ucfg.learn_sigma and ucfg.num_classes == 10 and ucfg.image_size == 8
+    with pytest.raises(ValueError, match="has no labels"):
+        resolve_unet_config(TrainConfig(preset="tiny", class_cond=True), 3, None)
+    with pytest.raises(ValueError, match="class-conditional: set class_cond"):
+        resolve_unet_config(TrainConfig(preset="mnist-cond"), 1, 10)
+
+
+def test_total_steps_and_lr_anneal():
+    cfg = TrainConfig(steps=0, lr_anneal_steps=100, lr=1e-3)
+    assert cfg.total_steps == 100
+    assert lr_at(cfg, 0) == 1e-3 and lr_at(cfg, 50) == pytest.approx(5e-4) and lr_at(cfg, 100) == 0.0
+    assert TrainConfig(steps=30, lr_anneal_steps=100).total_steps == 30
+    assert lr_at(TrainConfig(steps=5), 4) == 1e-4
+
+
+def test_foreach_ema_matches_the_formula():
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    ema = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    expected = [0.9 * e + 0.1 * p for e, p in zip(ema, params, strict=True)]
+    ema_update(ema, params, 0.9)
+    for a, b in zip(ema, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------------------------- numerics
+
+
+def _perturbed_state(cfg: TrainConfig):
+    st = make_state(cfg)
+    # Move off the initialisation: its zero output layer makes every loss independent of precision and layout.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in st.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return st
+
+
+def _one_step(cfg: TrainConfig, x: torch.Tensor, t: torch.Tensor):
+    st = _perturbed_state(cfg)
+    st.sampler = FixedSampler(t)
+    out = train_step(st, x, torch.zeros(x.shape[0], dtype=torch.long))
+    grads = [p.grad.detach().clone() for p in st.model.parameters()]
+    return out, grads, st
+
+
+def test_microbatches_give_the_full_batch_gradient(tmp_path):
+    x, t = batch(), torch.tensor([0, 5, 11, 19])
+    full, g_full, _ = _one_step(tiny_cfg(tmp_path), x, t)
+    micro, g_micro, _ = _one_step(tiny_cfg(tmp_path, microbatch=2), x, t)
+    torch.testing.assert_close(micro.losses["loss"], full.losses["loss"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_micro, g_full, strict=True):
+        # The authors sum microbatch means, which would make these differ by a factor of 2.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_optimized_path_matches_plain_fp32(tmp_path):
+    """channels_last + foreach EMA/AdamW + microbatching == the plain path; bf16 within bf16 noise."""
+    x, t = batch(), torch.tensor([1, 7, 13, 18])
+    plain_cfg = tiny_cfg(tmp_path, channels_last=False)
+    plain, g_plain, st_plain = _one_step(plain_cfg, x, t)
+    fast, g_fast, st_fast = _one_step(tiny_cfg(tmp_path, channels_last=True, microbatch=2), x, t)
+    for k in plain.losses:
+        torch.testing.assert_close(fast.losses[k], plain.losses[k], rtol=1e-4, atol=1e-5)
+    for a, b in zip(g_fast, g_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    # The foreach AdamW step and foreach EMA equal a per-parameter loop applied to the same gradients.
+    ref = _perturbed_state(plain_cfg)
+    ema0 = [e.clone() for e in ref.ema_params[plain_cfg.ema_rates[0]]]
+    for p, g in zip(ref.params, g_fast, strict=True):
+        p.grad = g.clone()
+    torch.optim.AdamW(ref.params, lr=plain_cfg.lr, weight_decay=0.0, foreach=False).step()
+    rate = plain_cfg.ema_rates[0]
+    for new, expected, e0, e in zip(st_fast.params, ref.params, ema0, st_fast.ema_params[rate], strict=True):
+        torch.testing.assert_close(new, expected, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(e, rate * e0 + (1 - rate) * expected, rtol=1e-6, atol=1e-8)
+
+    bf16, _, _ = _one_step(tiny_cfg(tmp_path, precision="bf16", channels_last=True), x, t)
+    for k in plain.losses:
+        assert not torch.equal(bf16.losses[k], plain.losses[k])  # bf16 really ran
+        torch.testing.assert_close(bf16.losses[k], plain.losses[k], rtol=5e-2, atol=2e-2)
+
+    # Sampling from the channels_last model gives the plain model's images.
+    from iddpm.respace import respace, space_timesteps
+    from iddpm.sampling import sample
+
+    fast_s = respace(st_plain.schedule, space_timesteps(20, "4"))
+    imgs = []
+    for st in (st_plain, st_fast):
+        g = torch.Generator().manual_seed(3)
+        imgs.append(sample(st.model.eval(), fast_s, (2, 1, 16, 16), generator=g, device=CPU))
+    torch.testing.assert_close(imgs[1], imgs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_one_batch(tmp_path):
+    cfg = tiny_cfg(tmp_path, lr=2e-3, steps=200)
+    st = make_state(cfg)
+    x = batch(seed=1)
+    losses = []
+    for _ in range(40):
+        # Same t and noise every step: the model can memorise this one (x_t, t) -> eps mapping.
+        st.gen_t.manual_seed(0)
+        st.gen_noise.manual_seed(0)
+        out = train_step(st, x, torch.zeros(4, dtype=torch.long))
+        losses.append(out.losses["mse"].mean().item())
+    start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert end < 0.05 * start, (start, end)  # ~1.0 -> ~0.005 in practice
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def _record(store: dict):
+    def cb(step, out):
+        store[step] = out.losses["loss"].clone()
+
+    return cb
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path):
+    common = dict(schedule_sampler="loss-second-moment", microbatch=2, ema_rates=(0.99, 0.5))
+    whole: dict = {}
+    train(tiny_cfg(tmp_path / "a", steps=6, **common), callback=_record(whole))
+    parts: dict = {}
+    r1 = train(tiny_cfg(tmp_path / "b", steps=3, **common), callback=_record(parts))
+    assert r1.step == 3 and r1.checkpoint.name == "ckpt_0000003.pt"
+    r2 = train(tiny_cfg(tmp_path / "b", steps=6, **common), resume="auto", callback=_record(parts))
+    assert r2.step == 6 and sorted(parts) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert torch.equal(parts[step], whole[step]), f"step {step} differs after resume"
+    a = ck.safe_load(tmp_path / "a" / "latest.pt")
+    b = ck.safe_load(tmp_path / "b" / "latest.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k])
+        assert torch.equal(a["ema"]["0.5"][k], b["ema"]["0.5"][k])
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "resume" and r["exact"] for r in log)
+    rec = [r for r in log if "loss" in r][-1]
+    assert {"loss", "mse", "vlb", "lr", "step_time_s", "samples_per_s"} <= set(rec)
+    assert any(k.startswith("loss_q") for k in rec)
+
+    # A different (non-harmless) config is refused, naming the fields.
+    with pytest.raises(ck.CheckpointError, match=r"\['lr', 'vlb_weight'\]"):
+        train(tiny_cfg(tmp_path / "b", steps=8, lr=3e-4, vlb_weight=0.01, **common), resume="auto")
+
+    # The EMA weights load for sampling.
+    model, cfg, ucfg, step = load_model(tmp_path / "b" / "latest.pt", rate=0.99)
+    assert step == 6 and ucfg.in_channels == 1 and not model.training
+
+
+def _poison_after(monkeypatch, at_step: int) -> None:
+    """Make the parameters NaN right after step ``at_step`` (as a diverging run would)."""
+    import iddpm.train as tr
+
+    real = tr.train_step
+
+    def poisoned(st, x, y=None):
+        out = real(st, x, y)
+        if st.step == at_step:
+            with torch.no_grad():
+                st.params[0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(tr, "train_step", poisoned)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    _poison_after(monkeypatch, 3)
+    with pytest.raises(NonFiniteLossError, match="'loss'.*step 4") as err:
+        train(tiny_cfg(tmp_path, steps=10, save_every=2, log_every=100))
+    assert err.value.step == 4 and err.value.checkpoint.name == "ckpt_0000002.pt"
+    assert ck.safe_load(tmp_path / "latest.pt")["step"] == 2
+    assert not (tmp_path / "ckpt_0000004.pt").exists()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    _poison_after(monkeypatch, 2)  # the loss of step 2 was still finite; the weights after it are not
+    with pytest.raises(NonFiniteLossError, match="'parameters'.*step 2.*no checkpoint"):
+        train(tiny_cfg(tmp_path, steps=10, save_every=2, log_every=100))
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_ctrl_c_saves_and_resume_finishes(tmp_path):
+    def interrupt(step, out):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    cfg = tiny_cfg(tmp_path, steps=4)
+    r = train(cfg, callback=interrupt)
+    assert r.interrupted and r.step == 2
+    assert ck.safe_load(tmp_path / "latest.pt")["step"] == 2
+    r = train(cfg, resume="auto")
+    assert not r.interrupted and r.step == 4
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_replicas_identical(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "iddpm", "train", "--preset", "tiny", "--dataset", "digits8", "--diffusion-steps", "20",
+        "--batch-size", "8", "--microbatch", "2", "--steps", "3", "--log-every", "1", "--save-every", "0",
+        "--sample-every", "0", "--out-dir", str(tmp_path), "--no-progress", "--device", "cpu",
+        "--schedule-sampler", "loss-second-moment",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    replicas = [r for r in log if r.get("event") == "replicas"]
+    assert replicas and replicas[0]["max_abs_diff"] == 0.0
+    saved = ck.safe_load(tmp_path / "latest.pt")
+    assert saved["world_size"] == 2 and saved["step"] == 3 and len(saved["rng"]) == 2
+    # Each rank drew its own timesteps (otherwise the two replicas would train on the same t and noise).
+    assert not torch.equal(saved["rng"][0]["generators"]["t"], saved["rng"][1]["generators"]["t"])
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+    assert proc.stdout.count("done: step 3") == 1  # only rank 0 reports
+
+
+def test_grad_scaler_branch_takes_the_same_step(tmp_path):
+    """The fp16 path's GradScaler (exercised here in fp32 on CPU) scales by 2^k and unscales exactly."""
+    x, t = batch(), torch.tensor([2, 4, 8, 16])
+    _, _, plain = _one_step(tiny_cfg(tmp_path), x, t)
+    st = _perturbed_state(tiny_cfg(tmp_path))
+    st.sampler = FixedSampler(t)
+    st.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    train_step(st, x, torch.zeros(4, dtype=torch.long))
+    assert st.scaler.get_scale() == 2.0**10  # finite grads: no back-off
+    for a, b in zip(st.params, plain.params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
