@@ -44,6 +44,8 @@ from .schedules import (
     get_betas,
     linear_betas,
 )
+from .train import TrainConfig
+from .unet import UNet, UNetConfig
 
 __version__ = "0.1.0"
 
@@ -56,6 +58,9 @@ __all__ = [
     "PMeanVar",
     "SampleStep",
     "Schedule",
+    "TrainConfig",
+    "UNet",
+    "UNetConfig",
     "UniformSampler",
     "VarType",
     "approx_standard_normal_cdf",
