@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,9 @@ def test_bench_function_and_table_without_sampling():
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
+    # PYTHON: the script must use this interpreter (CI runs pytest from .venv/bin without activating it).
     env = dict(os.environ, IDDPM_GPU_CHECK_TINY="1", OUT=str(tmp_path), OMP_NUM_THREADS="1")
+    env["PYTHON"] = sys.executable
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
