@@ -596,7 +596,9 @@ class UNet(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
 
-        emb = self.time_embed(timestep_embedding(t, cfg.base_channels))  # (B, 4·mc)
+        # The sinusoids are float32; follow the parameters' dtype so a .double() model runs in float64.
+        t_emb = timestep_embedding(t, cfg.base_channels).to(self.time_embed[0].weight.dtype)
+        emb = self.time_embed(t_emb)  # (B, 4·mc)
         if cfg.num_classes is None:
             if y is not None:
                 raise ValueError("y was given but this model is unconditional (cfg.num_classes is None)")

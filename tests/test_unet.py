@@ -460,3 +460,10 @@ def test_config_defaults_and_normalisation() -> None:
 def test_bad_configs_raise_clear_errors(overrides: dict, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         dataclasses.replace(TINY, **overrides)
+
+
+def test_double_precision_model_runs_in_float64():
+    # A float64 model (e.g. for float64 reference checks in the book) must accept float64 inputs end to end.
+    model = UNet(UNetConfig.preset("digits8")).double()
+    out = model(torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([1.0, 2.0]))
+    assert out.dtype == torch.float64 and out.shape == (2, 2, 8, 8)
