@@ -1,7 +1,7 @@
 """Exact (analytic) denoisers: the best possible "networks" for data whose distribution we know.
 
-For data ``x_0 ~ p_data`` and ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (paper Sec. 2.1), the network
-that minimises ``L_simple = E ||eps - eps_theta(x_t, t)||^2`` (paper Sec. 2.2) is the posterior mean
+For data ``x_0 ~ p_data`` and ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, the network
+that minimises ``L_simple = E ||eps - eps_theta(x_t, t)||^2`` is the posterior mean
 ``eps*(x_t, t) = E[eps | x_t]``; equivalently ``x0*(x_t, t) = E[x_0 | x_t]``, tied by ``q_sample``:
 ``eps* = (x_t - sqrt(abar_t) x0*) / sqrt(1 - abar_t)``. When ``p_data`` is a Gaussian, a Gaussian mixture, or
 a finite set of points, that posterior mean has a closed form, so we get a perfect denoiser with no training.
@@ -22,7 +22,7 @@ Output: ``eps*`` (``mean_type="eps"``) or ``x0*`` (``mean_type="x0"``), shape ``
 The maths is done in float64 by default (``compute_dtype``), then cast back to ``x_t``'s dtype: the empirical
 denoiser's softmax logits scale like ``1 / (1 - abar_t)``, about ``1e5`` at ``t = 0``.
 
-Chapter: 03_reverse_process
+Chapter: book/03_reverse_process, book/04_variational_bound
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def gaussian_eps_model(
     ``eps ~ N(0, 1)`` independent, so ``(eps, x_t)`` is jointly Gaussian with ``E[x_t] = sqrt(abar) mu``,
     ``Var(x_t) = abar sigma^2 + 1 - abar`` and ``Cov(eps, x_t) = sqrt(1 - abar)``. Gaussian conditioning gives
     ``eps*(x_t, t) = E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar sigma^2 + 1 - abar)``, the
-    minimiser of ``L_simple`` (paper Sec. 2.2) for this data. (The model computes ``E[x_0 | x_t]`` and
+    minimiser of ``L_simple`` for this data. (The model computes ``E[x_0 | x_t]`` and
     converts it with ``q_sample``'s relation, which gives the same number.)
 
     Args:

@@ -15,7 +15,7 @@ Datasets (:func:`load_dataset`); every one of them is read by code in this file,
   used only to *download* them when ``download=True``.
 * ``"folder"``: PNG/JPEG files under ``root`` read with Pillow, resized like the authors' code.
 
-Chapter: 07_training
+Chapter: book/01_forward_process (the bundled digits)
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Conventions (see :mod:`iddpm.schedules`): ``t`` is a 0-based int64 ``(B,)`` tens
 is the paper's step 1; ``x0``, ``x_t`` are ``(B, C, ...)``; coefficients are gathered with :func:`extract`,
 which casts the float64 schedule to the dtype of the tensor they multiply.
 
-Chapter: 03_diffusion
+Chapter: book/01_forward_process, book/03_reverse_process
 """
 
 from __future__ import annotations
@@ -103,12 +103,12 @@ def _check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Forward process q(x_t | x_0)  (paper Eq. 9)
+# Forward process q(x_t | x_0)
 # ----------------------------------------------------------------------------------------------------------
 
 
 def q_mean_variance(s: Schedule, x0: Tensor, t: Tensor) -> Gaussian:
-    """``q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)`` (paper Eq. 9).
+    """``q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)``, the closed form of the forward chain.
 
     Args:
         s: the schedule.
@@ -144,12 +144,12 @@ def q_sample(s: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Posterior q(x_{t-1} | x_t, x_0)  (paper Eqs. 10-11)
+# Posterior q(x_{t-1} | x_t, x_0)
 # ----------------------------------------------------------------------------------------------------------
 
 
 def q_posterior(s: Schedule, x0: Tensor, x_t: Tensor, t: Tensor) -> Gaussian:
-    """The forward-process posterior ``q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)`` (paper Eqs. 10-11).
+    """The forward-process posterior ``q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)``.
 
     ``mu~_t = coef1_t x_0 + coef2_t x_t``. At ``t = 0`` the posterior is a point mass at ``x_0``
     (``coef1 = 1``, ``coef2 = 0``, ``var = beta~_0 = 0``); its ``log_var`` is the *clipped* ``log beta~_1``,
@@ -177,7 +177,7 @@ def q_posterior(s: Schedule, x0: Tensor, x_t: Tensor, t: Tensor) -> Gaussian:
 
 
 def predict_x0_from_eps(s: Schedule, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-    """Invert ``q_sample`` for ``x_0``: ``x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps`` (paper Eq. 9).
+    """Invert ``q_sample`` for ``x_0``: ``x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps``.
 
     Args: ``x_t``, ``eps``: ``(B, C, ...)``; ``t``: ``(B,)``. Returns ``x_0`` of ``x_t``'s shape.
     """
@@ -197,7 +197,7 @@ def predict_eps_from_x0(s: Schedule, x_t: Tensor, t: Tensor, x0: Tensor) -> Tens
 
 
 def predict_x0_from_xprev(s: Schedule, x_t: Tensor, t: Tensor, xprev: Tensor) -> Tensor:
-    """Invert the posterior mean for ``x_0``: ``x_0 = (mu~ - coef2_t x_t) / coef1_t`` (paper Eq. 11).
+    """Invert the posterior mean for ``x_0``: ``x_0 = (mu~ - coef2_t x_t) / coef1_t``.
 
     ``coef1_t > 0`` for every ``t`` (it is 1 at ``t = 0``), so the division is safe.
 
@@ -211,7 +211,7 @@ def predict_x0_from_xprev(s: Schedule, x_t: Tensor, t: Tensor, xprev: Tensor) ->
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reverse process p(x_{t-1} | x_t)  (paper Sec. 2 and 3.1)
+# Reverse process p(x_{t-1} | x_t)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -250,7 +250,7 @@ def split_model_output(out: Tensor, channels: int, var_type: str) -> tuple[Tenso
 def _variance(s: Schedule, v: Tensor | None, x_t: Tensor, t: Tensor, var_type: str) -> tuple[Tensor, Tensor]:
     """``(var, log_var)`` of ``p(x_{t-1} | x_t)`` for each variance type, both of ``x_t``'s shape."""
     if var_type == "learned":
-        # The network outputs log sigma^2 directly (paper Sec. 3.1 mentions this as the unstable option).
+        # The network outputs log sigma^2 directly (the paper mentions this as the less stable option).
         log_var = v
     elif var_type == "learned_range":
         # Paper Eq. 15: Sigma = exp(frac log beta_t + (1 - frac) log beta~_t), interpolating *log* variances
@@ -293,7 +293,7 @@ def p_mean_variance(
     Mean (``mean_type``), with ``process(z) = denoised_fn(z)`` then ``clamp(z, -1, 1)`` if ``clip_x0``:
 
     * ``"eps"``: the network predicts the noise; ``pred_x0 = process(predict_x0_from_eps(...))`` and the mean
-      is the posterior mean ``mu~_t(pred_x0, x_t)`` (paper Eqs. 11-12) of the *processed* ``pred_x0``.
+      is the posterior mean ``mu~_t(pred_x0, x_t)`` of the *processed* ``pred_x0``.
     * ``"x0"``: the network predicts ``x_0``; ``pred_x0 = process(out)``, mean as above.
     * ``"xprev"``: the network predicts ``mu~_t`` itself; the mean is the raw output and
       ``pred_x0 = process(predict_x0_from_xprev(...))`` (processing does not change the mean here).

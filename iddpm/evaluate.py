@@ -1,6 +1,6 @@
-"""Likelihood evaluation: the full variational bound in bits per dimension (paper Sec. 3, Table 1-2).
+"""Likelihood evaluation: the full variational bound in bits per dimension.
 
-Chapter: 07_likelihood
+Chapter: book/04_variational_bound
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def bits_per_dim(
     model_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> BpdResult:
-    """The variational bound ``L_vlb = L_prior + sum_t L_t`` of each example, in bits/dim (paper Eqs. 4-7).
+    """The variational bound ``L_vlb = L_prior + sum_t L_t`` of each example, in bits/dim.
 
     Each ``L_t`` is estimated with a single fresh ``x_t ~ q(x_t | x0)`` (one model call per ``t``, ``t``
     running ``T-1 ... 0``), like the authors' ``calc_bpd_loop``; average over many images for a low-variance

@@ -4,14 +4,14 @@ Every loss here is a **per-dimension average** (``mean_flat`` over all non-batch
 terms are in **bits per dimension** (nats / ln 2), exactly as in the authors' code, so numbers are comparable
 with the paper's tables.
 
-The bound (paper Eqs. 4-7), with 0-based ``t`` (index 0 is the paper's step 1)::
+The bound, with 0-based ``t`` (index 0 is the paper's step 1)::
 
     L_vlb = L_prior + sum_{t=0}^{T-1} L_t
     L_t   = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))      for t >= 1
     L_0   = -log p(x_0 | x_1)   (discretised Gaussian decoder)   at  t = 0
     L_prior = KL(q(x_T | x_0) || N(0, I))
 
-Chapter: 04_losses
+Chapter: book/04_variational_bound
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def approx_standard_normal_cdf(x: Tensor) -> Tensor:
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
-    """Log-likelihood, in nats, of 8-bit data under a Gaussian discretised to 256 bins (Ho et al. Eq. 13).
+    """Log-likelihood, in nats, of 8-bit data under a Gaussian discretised to 256 bins (Ho et al., 2020).
 
     Pixel values ``0..255`` map to ``x = k / 127.5 - 1`` in ``[-1, 1]``: bin centres are ``2/255`` apart, so
     each bin is ``x +- 1/255``. The two edge bins (``x < -0.999`` and ``x > 0.999``) extend to ``-inf`` and
@@ -133,9 +133,9 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
 def vlb_term_bpd(s: Schedule, x0: Tensor, x_t: Tensor, t: Tensor, p: PMeanVar) -> Tensor:
     """One term ``L_t`` of the variational bound, in bits per dimension.
 
-    * ``t >= 1``: ``KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))`` (paper Eq. 6), the posterior taken with
+    * ``t >= 1``: ``KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))``, the posterior taken with
       its clipped log-variance.
-    * ``t = 0``: the decoder NLL ``-log p(x_0 | x_1)`` (paper Eq. 7) under the discretised Gaussian with mean
+    * ``t = 0``: the decoder NLL ``-log p(x_0 | x_1)`` under the discretised Gaussian with mean
       ``p.mean`` and ``log_scale = 0.5 p.log_var``.
 
     Both are computed for every example and selected with ``torch.where`` (a batch mixes timesteps).

@@ -2,7 +2,7 @@
 
 Training estimates ``E_t[L_t]`` with one ``t`` per example. Drawing ``t ~ p`` instead of uniformly and
 weighting the loss by ``1 / (T p_t)`` keeps the estimate unbiased (``sum_t p_t * L_t / (T p_t) = mean_t L_t``)
-while changing its variance. The paper (Sec. 3.3, Eq. 18) picks ``p_t ∝ sqrt(E[L_t^2])``, which makes
+while changing its variance. The paper picks ``p_t ∝ sqrt(E[L_t^2])``, which makes
 ``L_vlb`` trainable directly.
 
 * :class:`UniformSampler`: ``p_t = 1/T``, every weight is 1.
@@ -12,7 +12,7 @@ while changing its variance. The paper (Sec. 3.3, Eq. 18) picks ``p_t ∝ sqrt(E
 Unlike the authors' code this works in a single process: the ``torch.distributed`` all-gather only runs when a
 process group has been initialised, and the history is an int64/float64 torch tensor (no ``np.int``).
 
-Chapter: 05_importance_sampling
+Chapter: not yet in the book (part II)
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def _all_gather_variable(t: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class LossSecondMomentSampler:
-    """Importance sampling ``p_t ∝ sqrt(E[L_t^2])`` (paper Sec. 3.3, Eq. 18), estimated from recent losses.
+    """Importance sampling ``p_t ∝ sqrt(E[L_t^2])``, estimated from recent losses.
 
     State: ``history`` ``(T, H)`` float64, the last H losses seen at each t (oldest first), and ``counts``
     ``(T,)`` int64, how many slots of each row are filled (at most H).
@@ -177,7 +177,7 @@ class LossSecondMomentSampler:
         if not self.warmed_up:
             # Warm-up: a t with fewer than H losses has no reliable second moment yet.
             return torch.ones(self.num_steps, dtype=torch.float64)
-        w = self.history.pow(2).mean(dim=-1).sqrt()  # sqrt(E[L_t^2]), Eq. 18
+        w = self.history.pow(2).mean(dim=-1).sqrt()  # sqrt(E[L_t^2])
         total = w.sum()
         if not total > 0:
             # Every recorded loss is exactly 0: no information about which t matters, stay uniform.

@@ -1,4 +1,4 @@
-"""Respacing: sample with K < T steps from a model trained on a T-step chain (paper Sec. 4).
+"""Respacing: sample with K < T steps from a model trained on a T-step chain (the paper's fast sampling).
 
 Pick an increasing subsequence ``k_0 < k_1 < ... < k_{K-1}`` of the original indices. The marginals
 ``q(x_k | x_0)`` of the kept steps only depend on ``alpha_bar[k]``, so a K-step chain with the same
@@ -10,7 +10,7 @@ network keeps seeing original-chain timesteps, through ``Schedule.timesteps``.
 :func:`space_timesteps` reproduces the authors' choice of kept steps exactly, including its use of Python's
 banker's rounding on an accumulated float.
 
-Chapter: 08_sampling
+Chapter: book/03_reverse_process
 """
 
 from __future__ import annotations

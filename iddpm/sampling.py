@@ -8,7 +8,7 @@ timesteps through ``s.model_timesteps``. Each step:
 2. ``p = p_mean_variance(s, out, x_t, t, ...)``: the mean of ``p(x_{t-1} | x_t)`` and ``pred_x0`` (clipped to
    ``[-1, 1]`` first if ``clip_x0``);
 3. ancestral (Ho et al. Alg. 2): ``x_{t-1} = mean + 1[t != 0] exp(0.5 log_var) z``;
-   DDIM (Song et al. 2021, Eq. 12): ``eps = predict_eps_from_x0(x_t, pred_x0)`` (re-derived from the *clipped*
+   DDIM (Song et al. 2021): ``eps = predict_eps_from_x0(x_t, pred_x0)`` (re-derived from the *clipped*
    ``pred_x0``), ``x_{t-1} = pred_x0 sqrt(abar_prev) + sqrt(1 - abar_prev - sigma^2) eps + 1[t != 0] sigma
    z``, ``sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)``. DDIM ignores a
    learned variance.
@@ -18,7 +18,7 @@ it is not used, exactly like the authors' code, so a replay with the same genera
 noise is drawn on the generator's device and then moved, so a CPU generator gives the same samples on
 any device.
 
-Chapter: 08_sampling
+Chapter: book/03_reverse_process
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def _reverse_chain(
             if method == "ancestral":
                 x = p.mean + nonzero * torch.exp(0.5 * p.log_var) * z
             else:
-                # DDIM (Song et al. 2021, Eq. 12): re-derive eps from the (clipped) pred_x0 (consistent step).
+                # DDIM (Song et al. 2021): re-derive eps from the (clipped) pred_x0 (consistent step).
                 eps = predict_eps_from_x0(s, x, t, p.pred_x0)
                 abar_prev = extract(s.alpha_bar_prev, t, x)
                 sigma = _ddim_sigma(s, t, x, eta)

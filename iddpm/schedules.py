@@ -13,7 +13,7 @@ Conventions used by the whole package (stated once, here):
 * A respaced chain (see :mod:`iddpm.respace`) is just another :class:`Schedule` whose ``timesteps`` maps its
   own index to the index of the original chain. The network always sees original-chain timesteps.
 
-Chapter: 02_schedules
+Chapter: book/01_forward_process, book/02_noise_schedules
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def linear_betas(num_steps: int) -> Tensor:
 def cosine_alpha_bar(u: Tensor | float, s: float = 0.008) -> Tensor:
     """The paper's ``f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2)`` as a function of ``u = t / T`` in [0, 1].
 
-    ``alpha_bar_t = f(t) / f(0)`` (paper Eq. 17). The offset ``s`` keeps beta small near t = 0 so the model
+    ``alpha_bar_t = f(t) / f(0)``. The offset ``s`` keeps beta small near t = 0 so the model
     can predict the noise accurately there.
 
     Args:
@@ -124,7 +124,7 @@ def betas_from_alpha_bar(
 
 
 def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
-    """The paper's cosine schedule (Sec. 3.2, Eq. 17), betas clipped at ``max_beta`` = 0.999.
+    """The paper's cosine schedule, betas clipped at ``max_beta`` = 0.999.
 
     Returns:
         ``(T,)`` float64 betas. For every T the authors used, only the last beta reaches the clip.
@@ -157,7 +157,7 @@ class Schedule:
         sqrt_recip_alpha_bar, sqrt_recipm1_alpha_bar: sqrt(1/abar) and sqrt(1/abar - 1), for eps -> x0.
         posterior_var: beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), exactly 0 at t = 0.
         posterior_log_var_clipped: log beta~_t with the t = 0 entry replaced by log beta~_1 (log 0 = -inf).
-        posterior_mean_coef1, posterior_mean_coef2: mu~_t = coef1 * x0 + coef2 * x_t (paper Eq. 11).
+        posterior_mean_coef1, posterior_mean_coef2: mu~_t = coef1 * x0 + coef2 * x_t.
         snr: alpha_bar / (1 - alpha_bar), the signal-to-noise ratio of x_t.
         timesteps: int64 map from this chain's index to the original chain's index (arange(T) if not
             respaced).
@@ -226,7 +226,7 @@ class Schedule:
         one = torch.ones(1, dtype=torch.float64)
         alpha_bar_prev = torch.cat([one, alpha_bar[:-1]])
         alpha_bar_next = torch.cat([alpha_bar[1:], torch.zeros(1, dtype=torch.float64)])
-        # beta~_t (paper Eq. 10). At t = 0, abar_prev = 1 so beta~_0 = 0 exactly.
+        # beta~_t, the posterior variance. At t = 0, abar_prev = 1 so beta~_0 = 0 exactly.
         posterior_var = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
         # log 0 = -inf at t = 0: clip the *log* only, to log beta~_1 (the plain variance keeps its 0).
         # A one-step chain has no beta~_1; there the decoder's variance is beta_0 itself.
@@ -246,7 +246,7 @@ class Schedule:
             sqrt_recipm1_alpha_bar=(1.0 / alpha_bar - 1.0).sqrt(),
             posterior_var=posterior_var,
             posterior_log_var_clipped=posterior_log_var_clipped,
-            # paper Eq. 11: mu~_t(x_t, x_0) = coef1 * x_0 + coef2 * x_t
+            # posterior mean: mu~_t(x_t, x_0) = coef1 * x_0 + coef2 * x_t
             posterior_mean_coef1=betas * alpha_bar_prev.sqrt() / (1.0 - alpha_bar),
             posterior_mean_coef2=(1.0 - alpha_bar_prev) * alphas.sqrt() / (1.0 - alpha_bar),
             snr=snr,

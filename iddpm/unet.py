@@ -19,7 +19,7 @@ What differs from the authors' code (the numerics do not):
 Everything in ``forward`` is static Python over modules (no branch on tensor values), so ``torch.compile`` can
 trace it in one graph. It also runs on ``channels_last`` inputs and under bf16/fp16 autocast.
 
-Chapter: 06_unet
+Chapter: book/04_variational_bound (the L_hybrid gradient demo)
 """
 
 from __future__ import annotations
