@@ -76,10 +76,18 @@ def choose_precision(requested: str, device_type: str, bf16_supported: bool) -> 
     return PrecisionPolicy("fp16", torch.float16, True)
 
 
+def bf16_native_capability(capability: tuple[int, int]) -> bool:
+    """True for CUDA compute capabilities with native bf16 (8.0 and newer: A100, RTX 30xx, L4, H100, ...)."""
+    return capability[0] >= 8
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Query whether ``device`` can compute in bfloat16 (the impure half of :func:`choose_precision`)."""
     if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+        # Native bf16 tensor cores start at compute capability 8.0 (Ampere). `torch.cuda.is_bf16_supported()`
+        # also answers True on a T4 (7.5) where bf16 is only emulated (slow, no cuDNN bf16 convolutions),
+        # and its `including_emulation=False` argument needs torch >= 2.3: ask for the capability directly.
+        return bf16_native_capability(torch.cuda.get_device_capability(device))
     if device.type == "cpu":
         # CPU autocast runs bf16 on any x86/ARM CPU (emulated where there is no native support).
         return True

@@ -289,7 +289,18 @@ class Schedule:
             raise TypeError(f"t must be an integer tensor (int64), got dtype {t.dtype}")
         if t.ndim != 1:
             raise ValueError(f"t must have shape (B,), got {tuple(t.shape)}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
+        if not t.numel():
+            return
+        if t.device.type != "cpu":
+            # On an accelerator, reading min/max back would stall the host on every call (several per training
+            # and sampling step) and rule out CUDA-graph capture. An asynchronous device-side assert keeps the
+            # check without a sync: a bad t aborts the next synchronising call with this message.
+            torch._assert_async(
+                ((t >= 0) & (t < self.num_steps)).all(),
+                f"t must be in [0, {self.num_steps}) for this {self.num_steps}-step schedule",
+            )
+            return
+        if int(t.min()) < 0 or int(t.max()) >= self.num_steps:
             raise ValueError(
                 f"t must be in [0, {self.num_steps}) for this {self.num_steps}-step schedule; "
                 f"got values in [{int(t.min())}, {int(t.max())}]"

@@ -628,7 +628,23 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        # The head runs in float32 even under autocast (as the authors keep it): eps and v feed
+        # x0 = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps and the log-variance interpolation, which would amplify
+        # bf16/fp16 rounding of the network's output. One small conv, so the cost is negligible.
+        if h.dtype in (torch.float16, torch.bfloat16) or _autocast_enabled(h.device.type):
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                return self.out(h.float())
         return self.out(h)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``; torch < 2.4 only has the per-backend functions."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
 
 
 def count_parameters(model: nn.Module) -> int:

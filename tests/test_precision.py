@@ -48,3 +48,14 @@ def test_autocast_and_scaler_follow_the_policy():
     bf16 = choose_precision("bf16", "cpu", True)
     with autocast(bf16, cpu):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("capability", "native"), [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)]
+)
+def test_bf16_needs_compute_capability_8(capability, native):
+    # A T4 (7.5) only emulates bf16 (torch.cuda.is_bf16_supported() still says True): it must get fp16.
+    from iddpm.precision import bf16_native_capability
+
+    assert bf16_native_capability(capability) is native
+    assert choose_precision("auto", "cuda", native).name == ("bf16" if native else "fp16")

@@ -397,7 +397,8 @@ def test_bf16_autocast_runs_and_stays_close() -> None:
     expected = model(x, t)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = model(x, t)
-    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    # The body runs in bf16; the output head is kept in float32 (see UNet.forward).
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
     # bf16 keeps 8 bits of mantissa; through ~20 layers the error stays at the few-percent level.
     assert (got.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
