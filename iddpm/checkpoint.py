@@ -7,8 +7,9 @@ authors' plain ``torch.load`` of their ``.pt`` files would). No pickled classes:
 
 Writes are atomic: the bytes go to a temporary file in the same directory, are flushed and ``fsync``-ed,
 then ``os.replace``-d over the target, so a crash mid-write (power loss, Ctrl-C, full disk) leaves the
-previous checkpoint intact. ``save_train_checkpoint`` keeps ``ckpt_{step:07d}.pt`` files plus ``latest.pt``
-(a hard link to the newest one where the filesystem allows, a copy otherwise).
+previous checkpoint intact. ``save_train_checkpoint`` keeps ``ckpt_{step:07d}.pt`` files (the newest
+``keep_last`` of them, or all) plus ``latest.pt`` (a hard link to the newest one where the filesystem allows,
+a copy otherwise).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -83,13 +85,29 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device | None =
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # garbage bytes can fail in many ways (KeyError, IndexError, struct.error, ...)
+        # Our own words, not torch's: its message advises re-running with weights_only=False, which would
+        # unpickle (and so may execute) whatever the file holds.
         raise CheckpointError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint readable with weights_only=True "
-            f"(corrupt, truncated, or it contains code/objects). Details: {str(e).splitlines()[0][:300]}"
+            f"{path} is not a valid iddpm checkpoint: it cannot be read as a plain tensor/container file "
+            "(not a checkpoint, corrupt, truncated, or it contains pickled code/objects). iddpm only loads "
+            "checkpoints with torch.load(weights_only=True) and never unpickles a file freely. "
+            f"Reason: {_load_error_detail(e)}"
         ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict checkpoint")
     return obj
+
+
+def _load_error_detail(e: BaseException) -> str:
+    """A short reason for a failed ``torch.load``, minus torch's advice to retry with weights_only=False."""
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, flags=re.S)
+    if m:
+        detail = " ".join(m.group(1).split())
+    else:
+        lines = [ln for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+        detail = lines[0].strip() if lines else ""
+    return f"{type(e).__name__}: {detail[:200]}" if detail else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,8 +164,17 @@ def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
     return Path(out_dir) / f"ckpt_{step:07d}.pt"
 
 
-def save_train_checkpoint(state: dict[str, Any], out_dir: str | os.PathLike, step: int) -> Path:
-    """Write ``ckpt_{step:07d}.pt`` atomically, then point ``latest.pt`` at it (atomically too)."""
+def save_train_checkpoint(
+    state: dict[str, Any], out_dir: str | os.PathLike, step: int, keep_last: int = 0
+) -> Path:
+    """Write ``ckpt_{step:07d}.pt`` atomically, then point ``latest.pt`` at it (atomically too).
+
+    ``keep_last > 0`` then deletes all but the newest ``keep_last`` ``ckpt_*.pt`` files (0 keeps all).
+    Deletion happens only after the new checkpoint and ``latest.pt`` are durably in place, and never touches
+    ``latest.pt`` or the file it points to.
+    """
+    if not isinstance(keep_last, int) or keep_last < 0:
+        raise ValueError(f"keep_last must be an int >= 0 (0 = keep all), got {keep_last!r}")
     out_dir = Path(out_dir)
     path = atomic_save(state, checkpoint_path(out_dir, step))
     latest = out_dir / LATEST
@@ -158,15 +185,43 @@ def save_train_checkpoint(state: dict[str, Any], out_dir: str | os.PathLike, ste
         os.link(path, tmp)  # a hard link costs no extra disk or I/O
     except OSError:
         atomic_save(state, latest)
-        return path
-    try:
-        os.replace(tmp, latest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(out_dir)
+    else:
+        try:
+            os.replace(tmp, latest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(out_dir)
+    if keep_last:
+        prune_checkpoints(out_dir, keep_last, protect=path)
     return path
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, protect: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` ``ckpt_*.pt`` in ``out_dir``; returns the deleted paths.
+
+    Never deletes ``latest.pt``, the file ``latest.pt`` is a hard link of, or ``protect``.
+    """
+    out_dir = Path(out_dir)
+    found = []
+    for p in out_dir.glob("ckpt_*.pt"):
+        m = re.fullmatch(r"ckpt_(\d+)\.pt", p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    found.sort()
+    latest = out_dir / LATEST
+    deleted = []
+    for _, p in found[: max(len(found) - keep_last, 0)]:
+        if protect is not None and p == Path(protect):
+            continue
+        with contextlib.suppress(OSError):
+            if latest.exists() and os.path.samefile(p, latest):
+                continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            deleted.append(p)
+    return deleted
 
 
 def find_resume(out_dir: str | os.PathLike) -> Path | None:

@@ -8,6 +8,7 @@ Examples::
     python -m iddpm train --resume auto --out-dir runs/c10                # continue where it stopped
     python -m iddpm sample runs/c10/latest.pt --num 64 --respacing 100 --out samples.png
     python -m iddpm sample runs/c10/latest.pt --num 64 --respacing ddim25 --ddim --eta 0
+    python -m iddpm sample runs/c10/latest.pt --num 50000 --batch 500 --compile   # compile pays off here
     python -m iddpm nll runs/c10/latest.pt --num 256 --respacing 100
     python -m iddpm bench --preset cifar10 --batch 128 --precision bf16 --compile --json bench.json
 
@@ -125,7 +126,9 @@ def config_from_args(ns: argparse.Namespace, base: dict[str, Any] | None = None)
         given["ema_rates"] = tuple(given["ema_rates"])
     if base is None:
         return TrainConfig(**given)
-    d = dict(base)
+    from .train import _upgrade_config
+
+    d = _upgrade_config(dict(base))
     d["ema_rates"] = tuple(d["ema_rates"])
     d.update(given)
     return TrainConfig(**d)
@@ -173,11 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--respacing",
         default=None,
-        help="kept steps: '100', '10,15,20' or 'ddim25'; default 100 (all T with --respacing '')",
+        help="kept steps: '100', '10,15,20' or 'ddim25'; default: at most 100, i.e. min(100, T) "
+        "(all T with --respacing '')",
     )
     g.add_argument("--steps", type=int, default=None, help="shorthand for --respacing N")
     p.add_argument("--ddim", action="store_true", help="DDIM update instead of ancestral sampling")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic); needs --ddim")
     p.add_argument(
         "--class-labels",
         default=None,
@@ -186,9 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _ema_flags(p)
     p.add_argument("--ema-rate", type=float, default=None, help="which EMA rate (default: the first saved)")
-    p.add_argument("--out", default="samples.png", help="PNG grid; the .npz goes next to it")
+    p.add_argument(
+        "--out", default="samples.png", help="PNG grid (must end in .png); the .npz goes next to it"
+    )
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto (default, as in training): bf16 autocast on GPUs with bf16, fp16 on older ones (T4), "
+        "fp32 on CPU",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the model for sampling: costs ~1-2 min of compile time once, pays off for long "
+        "runs (many images or steps); default: off",
+    )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
     p = sub.add_parser("nll", help="bits/dim of held-out images under the variational bound")
@@ -207,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None)
     p.add_argument("--seed", type=int, default=0)
     _ema_flags(p)
+    p.add_argument("--ema-rate", type=float, default=None, help="which EMA rate (default: the first saved)")
     p.add_argument(
         "--json", default=None, help="where to write per-t terms (default: next to the checkpoint)"
     )
@@ -225,29 +245,35 @@ def _device(name: str):
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .checkpoint import find_resume, safe_load
+    from .checkpoint import CheckpointError, find_resume, safe_load
     from .train import TrainConfig, cleanup_distributed, train
 
     resume = ns.resume
     base = None
+    # The checkpoint is read once: its config is the base here, and train() gets the loaded dict. It sits in
+    # this holder (not a local) so that train() holds the only reference and can free it after loading.
+    loaded: dict[str, Any] = {}
     if resume is not None:
         path = find_resume(getattr(ns, "out_dir", TrainConfig.out_dir)) if resume == "auto" else Path(resume)
         if path is not None:
-            base = safe_load(path).get("config")
+            loaded["checkpoint"] = safe_load(path)
+            base = loaded["checkpoint"].get("config")
+            if not isinstance(base, dict):
+                raise CheckpointError(f"{path} is not an iddpm training checkpoint (no config)")
             resume = path
         else:
             resume = None  # auto with nothing to resume: a fresh run
     cfg = config_from_args(ns, base)
     try:
-        result = train(cfg, resume=resume)
+        result = train(cfg, resume=resume, checkpoint=loaded.pop("checkpoint", None))
     finally:
         cleanup_distributed()
     if int(os.environ.get("RANK", "0")) != 0:
-        return 0
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted at step {result.step}; saved {result.checkpoint} (continue with --resume auto)")
-    else:
-        print(f"done: step {result.step}, checkpoint {result.checkpoint}")
+        return 130  # the shell convention for a run stopped by Ctrl-C (128 + SIGINT)
+    print(f"done: step {result.step}, checkpoint {result.checkpoint}")
     return 0
 
 
@@ -275,20 +301,42 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     from .data import save_png, to_uint8
     from .precision import autocast, resolve_precision
     from .respace import respace, space_timesteps
-    from .sampling import sample
+    from .sampling import _check_eta, sample
     from .schedules import Schedule
-    from .train import load_model
+    from .train import default_respacing, load_model
 
     if ns.num < 1 or ns.batch < 1:
         raise ValueError("--num and --batch must be >= 1")
+    # Cheap checks first, before the (possibly large) checkpoint is read.
+    if not ns.eta >= 0.0:
+        raise ValueError(f"--eta must be >= 0 (0 = deterministic DDIM), got {ns.eta}")
+    if ns.eta != 0.0 and not ns.ddim:
+        raise ValueError("--eta only applies to DDIM sampling: add --ddim (ancestral sampling has no eta)")
+    out = Path(ns.out)
+    if out.suffix == "":
+        out = out.with_suffix(".png")
+    elif out.suffix.lower() != ".png":
+        raise ValueError(
+            f"--out {ns.out!r}: the grid is written as PNG, so the name must end in .png "
+            f"(e.g. {str(out.with_suffix('.png'))!r}); the .npz goes next to it"
+        )
     device = _device(ns.device)
     model, cfg, ucfg, step = load_model(ns.checkpoint, use_ema=ns.use_ema, rate=ns.ema_rate, device=device)
-    spacing = str(ns.steps) if ns.steps is not None else ("100" if ns.respacing is None else ns.respacing)
+    if ns.steps is not None:
+        spacing = str(ns.steps)
+    elif ns.respacing is None:
+        spacing = default_respacing(cfg.diffusion_steps)  # at most 100 steps
+    else:
+        spacing = ns.respacing
     s = Schedule.named(cfg.schedule, cfg.diffusion_steps)
     if spacing:
         s = respace(s, space_timesteps(cfg.diffusion_steps, spacing))
+    if ns.ddim:
+        _check_eta(s, ns.eta)
     s = s.to(device)
     policy = resolve_precision(ns.precision, device)
+    if ns.compile:
+        model = torch.compile(model)
     gen = torch.Generator(device=device).manual_seed(ns.seed)
     labels = None
     if ucfg.num_classes is not None:
@@ -308,7 +356,6 @@ def cmd_sample(ns: argparse.Namespace) -> int:
             )  # fmt: skip
         chunks.append(to_uint8(x.float()).cpu())
     images = torch.cat(chunks)  # (N, C, H, W) uint8
-    out = Path(ns.out)
     save_png(out, images)
     npz = out.with_suffix(".npz")
     # The authors' layout (arr_0: N x H x W x C uint8, arr_1: labels), which their FID/IS scripts read.
@@ -335,7 +382,7 @@ def cmd_nll(ns: argparse.Namespace) -> int:
     if ns.num < 1 or ns.batch < 1:
         raise ValueError("--num and --batch must be >= 1")
     device = _device(ns.device)
-    model, cfg, ucfg, step = load_model(ns.checkpoint, use_ema=ns.use_ema, device=device)
+    model, cfg, ucfg, step = load_model(ns.checkpoint, use_ema=ns.use_ema, rate=ns.ema_rate, device=device)
     split = ns.split
     if split == "test" and cfg.dataset in ("digits8", "mnist5k", "folder"):
         print(f"note: {cfg.dataset!r} has no test split; evaluating on training images")

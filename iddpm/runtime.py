@@ -78,20 +78,60 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
         A ``torch.device``.
 
     Raises:
-        ValueError: if the requested device type is unknown to torch.
+        ValueError: if the requested device is unknown to torch or not available here (e.g. ``"cuda"`` with a
+            CPU-only torch, or ``"cuda:3"`` on a 2-GPU machine); the message lists the available devices.
     """
     prefer = prefer or os.environ.get("IDDPM_DEVICE") or None
     if prefer:
         try:
-            return torch.device(prefer)
+            dev = torch.device(prefer)
         except RuntimeError as err:  # torch raises RuntimeError for unknown device strings
-            raise ValueError(f"unknown device {prefer!r} (from the argument or IDDPM_DEVICE): {err}") from err
+            raise ValueError(
+                f"unknown device {prefer!r} (from the argument or IDDPM_DEVICE): {err}; "
+                f"available here: {', '.join(_available_devices())}"
+            ) from err
+        _check_available(dev, prefer)
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def _available_devices() -> list[str]:
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        out.append("cuda" if n <= 1 else f"cuda (cuda:0..cuda:{n - 1})")
+    if _mps_available():
+        out.append("mps")
+    return out
+
+
+def _check_available(dev: torch.device, requested: object) -> None:
+    """Refuse a CUDA/MPS device this machine lacks (torch would fail later with a bare AssertionError)."""
+    ok = True
+    if dev.type == "cuda":
+        ok = torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
+    elif dev.type == "mps":
+        ok = _mps_available()
+    if not ok:
+        if dev.type == "mps":
+            why = "MPS (Apple GPU) is not available"
+        elif torch.cuda.is_available():
+            why = f"there are only {torch.cuda.device_count()} CUDA device(s)"
+        else:
+            why = "this torch has no CUDA support or no GPU is visible"
+        raise ValueError(
+            f"device {str(requested)!r} (from the argument or IDDPM_DEVICE) is not available: {why}; "
+            f"available here: {', '.join(_available_devices())}"
+        )
 
 
 def seed_everything(seed: int) -> torch.Generator:

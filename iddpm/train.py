@@ -103,7 +103,11 @@ class TrainConfig:
         lr_anneal_steps: if > 0, the lr falls linearly to 0 at this step and training stops there.
         log_every, save_every, sample_every: intervals in steps (0: save/sample only at the end).
         sample_num, sample_respacing: the grid written every ``sample_every`` steps (EMA model, fast sampler).
+            ``sample_respacing`` is a :func:`iddpm.respace.space_timesteps` spec; None (the default) = at most
+            100 steps, i.e. ``str(min(100, diffusion_steps))``; ``""`` = all T steps.
         out_dir: where ``log.jsonl``, ``config.json``, checkpoints and sample grids go.
+        keep_last: keep only the newest ``keep_last`` ``ckpt_*.pt`` files (0 = keep all; ``latest.pt`` and the
+            checkpoint it points to are always kept; old ones are deleted only after the new one is written).
         seed: model init, data order, t and noise draws.
         precision: ``"auto"|"fp32"|"bf16"|"fp16"`` (see :mod:`iddpm.precision`).
         channels_last: None = on for CUDA only. compile: ``torch.compile`` the training model.
@@ -137,8 +141,9 @@ class TrainConfig:
     save_every: int = 10_000
     sample_every: int = 10_000
     sample_num: int = 64
-    sample_respacing: str = "100"
+    sample_respacing: str | None = None
     out_dir: str = "runs/iddpm"
+    keep_last: int = 3
     seed: int = 0
     precision: str = "auto"
     channels_last: bool | None = None
@@ -177,9 +182,23 @@ class TrainConfig:
         for name in ("diffusion_steps", "batch_size", "log_every", "sample_num"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("steps", "lr_anneal_steps", "save_every", "sample_every", "seed"):
+        for name in ("steps", "lr_anneal_steps", "save_every", "sample_every", "seed", "keep_last"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.sample_respacing is not None:
+            from .respace import space_timesteps
+
+            if not isinstance(self.sample_respacing, str):
+                raise ValueError(f"sample_respacing must be a string or None, got {self.sample_respacing!r}")
+            if self.sample_respacing:
+                try:
+                    space_timesteps(self.diffusion_steps, self.sample_respacing)
+                except ValueError as e:
+                    raise ValueError(
+                        f"sample_respacing={self.sample_respacing!r} does not fit diffusion_steps="
+                        f"{self.diffusion_steps}: {e}. Use e.g. {str(min(100, self.diffusion_steps))!r}, "
+                        "'' for all steps, or leave it unset (at most 100 steps)"
+                    ) from None
         if self.steps == 0 and self.lr_anneal_steps == 0:
             raise ValueError("set steps > 0 and/or lr_anneal_steps > 0: training must have an end")
         if self.microbatch == 0 or self.microbatch < -1:
@@ -204,16 +223,30 @@ class TrainConfig:
             )
 
     @property
+    def sample_spacing(self) -> str:
+        """The respacing the sample grids use: ``sample_respacing``, or ``str(min(100, T))`` when None."""
+        return (
+            default_respacing(self.diffusion_steps)
+            if self.sample_respacing is None
+            else self.sample_respacing
+        )
+
+    @property
     def total_steps(self) -> int:
         """Where training stops: the smaller of the positive ``steps`` and ``lr_anneal_steps``."""
         return min(s for s in (self.steps, self.lr_anneal_steps) if s > 0)
+
+
+def default_respacing(diffusion_steps: int) -> str:
+    """The default sampling respacing: at most 100 steps, ``str(min(100, diffusion_steps))``."""
+    return str(min(100, diffusion_steps))
 
 
 # Fields that may differ between a checkpoint and the resuming run (they change where/how often things are
 # written, or only the speed/numerics policy, not the run being continued). Anything else is refused by name.
 HARMLESS_FIELDS: frozenset[str] = frozenset(
     {"steps", "out_dir", "log_every", "save_every", "sample_every", "sample_num", "sample_respacing",
-     "progress", "compile", "precision", "channels_last", "device", "data_root", "download"}
+     "keep_last", "progress", "compile", "precision", "channels_last", "device", "data_root", "download"}
 )  # fmt: skip
 
 
@@ -319,6 +352,24 @@ def make_optimizer(params: list[Tensor], cfg: TrainConfig, device: torch.device)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
 
 
+_SEED_PURPOSES = ("t", "noise", "dropout")
+
+
+def rank_seed(seed: int, rank: int, purpose: str) -> int:
+    """A 64-bit seed for one rank's ``purpose`` (``"t"``, ``"noise"`` or ``"dropout"``) of a run's ``seed``.
+
+    From ``numpy.random.SeedSequence(seed, spawn_key=(rank, purpose_index))``: the streams of different
+    ranks and purposes are statistically independent, unlike arithmetic offsets such as ``seed + rank``, which
+    collide (rank 0's third seed equalling rank 1's first).
+    """
+    import numpy as np
+
+    if purpose not in _SEED_PURPOSES:
+        raise ValueError(f"purpose must be one of {_SEED_PURPOSES}, got {purpose!r}")
+    ss = np.random.SeedSequence(seed, spawn_key=(rank, _SEED_PURPOSES.index(purpose)))
+    return int(ss.generate_state(1, dtype=np.uint64)[0])
+
+
 def make_train_state(
     cfg: TrainConfig, unet_cfg: UNetConfig, info: DistInfo, checkpoint: dict[str, Any] | None = None
 ) -> TrainState:
@@ -342,10 +393,11 @@ def make_train_state(
     scaler = make_scaler(policy, device)
     schedule = Schedule.named(cfg.schedule, cfg.diffusion_steps).to(device)
     sampler = make_sampler(cfg.schedule_sampler, cfg.diffusion_steps)
-    # Different draws per rank (else every rank would train on the same t and noise).
-    gen_t = torch.Generator().manual_seed(cfg.seed * 7919 + 2 * info.rank + 1)
-    gen_noise = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 2 * info.rank + 2)
-    torch.manual_seed(cfg.seed * 7919 + 2 * info.rank + 3)  # dropout
+    # Different, independent draws per rank and per purpose (else every rank would train on the same t and
+    # noise); on resume the saved generator states replace these seeds.
+    gen_t = torch.Generator().manual_seed(rank_seed(cfg.seed, info.rank, "t"))
+    gen_noise = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, info.rank, "noise"))
+    torch.manual_seed(rank_seed(cfg.seed, info.rank, "dropout"))
     step = 0
     if checkpoint is not None:
         step = _load_into(checkpoint, model, emas, opt, scaler, sampler, info)
@@ -592,7 +644,13 @@ def _params_finite(params: list[Tensor]) -> bool:
 
 def load_training_checkpoint(path: str | os.PathLike, cfg: TrainConfig) -> dict[str, Any]:
     """Read a training checkpoint safely and refuse it if it was made with a different config."""
-    ck = ckpt_io.safe_load(path)
+    return check_training_checkpoint(ckpt_io.safe_load(path), path, cfg)
+
+
+def check_training_checkpoint(
+    ck: dict[str, Any], path: str | os.PathLike, cfg: TrainConfig
+) -> dict[str, Any]:
+    """Refuse a loaded checkpoint (read from ``path``) of another format or made with a different config."""
     if ck.get("format") != ckpt_io.FORMAT:
         raise ckpt_io.CheckpointError(
             f"{path} is not an iddpm training checkpoint (format {ck.get('format')!r})"
@@ -605,8 +663,16 @@ def config_from_checkpoint(ck: dict[str, Any], **changes: Any) -> TrainConfig:
     """Rebuild the ``TrainConfig`` stored in a checkpoint (tuples restored), with ``changes`` applied."""
     d = dict(ck["config"])
     d["ema_rates"] = tuple(d["ema_rates"])
+    d = _upgrade_config(d)
     d.update(changes)
     return TrainConfig(**d)
+
+
+def _upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
+    """Old configs saved ``sample_respacing="100"`` (the former default) even for T < 100: read as None."""
+    if d.get("sample_respacing") == "100" and int(d.get("diffusion_steps", 100)) < 100:
+        d = {**d, "sample_respacing": None}
+    return d
 
 
 def load_model(
@@ -674,9 +740,10 @@ def save_sample_grid(st: TrainState, path: Path) -> Path:
     from .sampling import sample
 
     cfg, ucfg = st.cfg, st.unet_cfg
-    fast = respace(st.schedule.to("cpu"), space_timesteps(cfg.diffusion_steps, cfg.sample_respacing)).to(
-        st.device
-    )
+    s = st.schedule.to("cpu")
+    if cfg.sample_spacing:
+        s = respace(s, space_timesteps(cfg.diffusion_steps, cfg.sample_spacing))
+    fast = s.to(st.device)
     ema = st.emas[cfg.ema_rates[0]]
     gen = torch.Generator(device=st.device).manual_seed(cfg.seed + 12345)
     n = cfg.sample_num
@@ -711,6 +778,7 @@ def train(
     cfg: TrainConfig,
     *,
     resume: str | os.PathLike | None = None,
+    checkpoint: dict[str, Any] | None = None,
     callback: Callable[[int, StepOutput], None] | None = None,
 ) -> TrainResult:
     """Train until ``cfg.total_steps``, logging, checkpointing and sampling along the way.
@@ -718,6 +786,8 @@ def train(
     Args:
         cfg: the run.
         resume: a checkpoint path, ``"auto"`` (``out_dir/latest.pt`` if present, else a fresh start) or None.
+        checkpoint: the dict already loaded from ``resume`` (e.g. by the CLI to read its config), so the file
+            is not read twice; it is still checked against ``cfg``.
         callback: called as ``callback(step, out)`` after every completed step (1-based ``step``), e.g. to
             record losses in a notebook. Raising ``KeyboardInterrupt`` from it behaves like Ctrl-C.
 
@@ -744,8 +814,13 @@ def train(
     ck = None
     if resume == "auto":
         resume = ckpt_io.find_resume(out_dir)
+    if checkpoint is not None and resume in (None, "auto"):
+        raise ValueError("checkpoint= needs the path it was loaded from as resume=")
     if resume is not None:
-        ck = load_training_checkpoint(resume, cfg)
+        if checkpoint is not None:
+            ck = check_training_checkpoint(checkpoint, resume, cfg)
+        else:
+            ck = load_training_checkpoint(resume, cfg)
 
     base = UNetConfig.preset(cfg.preset, **cfg.model_overrides)
     size = cfg.image_size or base.image_size
@@ -792,17 +867,26 @@ def train(
             raise NonFiniteLossError(st.step, "parameters", last_ckpt)
         state = _state_dict(st, batches.state_dict())
         if state is not None:
-            last_ckpt = ckpt_io.save_train_checkpoint(state, out_dir, st.step)
+            last_ckpt = ckpt_io.save_train_checkpoint(state, out_dir, st.step, keep_last=cfg.keep_last)
 
     def log(rec: dict[str, Any]) -> None:
         if is_main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    if is_main and ck is not None:
+    resumed = ck is not None
+    ck = checkpoint = None  # noqa: F841 (free the loaded tensors: the state holds its own copies now)
+    if is_main and resumed:
         log({"event": "resume", "step": st.step, "from": str(resume), "exact": exact})
+    start_step = st.step
+    if is_main and resumed and st.step >= total:
+        print(
+            f"note: the checkpoint is already at step {st.step} >= the requested {total} steps; nothing to "
+            f"train. Give a larger --steps (e.g. --steps {st.step + max(total, 1)}) to continue training.",
+            flush=True,
+        )
     interrupted = False
-    saved_step = st.step if ck is not None else -1
+    saved_step = st.step if resumed else -1
     try:
         while st.step < total:
             try:
@@ -846,7 +930,7 @@ def train(
                 save_sample_grid(st, out_dir / f"samples_{st.step:07d}.png")
         if st.step > 0 and saved_step != st.step:
             save()
-        if is_main and cfg.sample_every and not interrupted and st.step > 0:
+        if is_main and cfg.sample_every and not interrupted and st.step > start_step:
             save_sample_grid(st, out_dir / f"samples_{st.step:07d}.png")
         if info.world_size > 1:
             log({"event": "replicas", "step": st.step, "max_abs_diff": _replica_diff(st.params)})

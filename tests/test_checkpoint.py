@@ -124,3 +124,48 @@ def test_config_check_names_the_fields():
     with pytest.raises(ck.CheckpointError, match=r"\['lr', 'preset'\]"):
         ck.check_config(saved, now, ignore={"steps"})
     ck.check_config(saved, dict(saved, steps=99), ignore={"steps"})  # harmless difference only
+
+
+def test_keep_last_deletes_old_checkpoints_after_the_new_one(tmp_path, monkeypatch):
+    for step in range(1, 6):
+        ck.save_train_checkpoint({"step": step}, tmp_path, step, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000004.pt", "ckpt_0000005.pt"]
+    assert ck.safe_load(tmp_path / ck.LATEST)["step"] == 5
+    # A failed write deletes nothing.
+    real = ck.atomic_save
+
+    def failing(obj, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "atomic_save", failing)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_train_checkpoint({"step": 6}, tmp_path, 6, keep_last=1)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000004.pt", "ckpt_0000005.pt"]
+    monkeypatch.setattr(ck, "atomic_save", real)
+    with pytest.raises(ValueError, match="keep_last"):
+        ck.save_train_checkpoint({"step": 7}, tmp_path, 7, keep_last=-1)
+
+
+def test_prune_never_deletes_what_latest_points_to(tmp_path):
+    for step in range(1, 5):
+        ck.atomic_save({"step": step}, ck.checkpoint_path(tmp_path, step))
+    import os
+
+    os.link(ck.checkpoint_path(tmp_path, 1), tmp_path / ck.LATEST)  # latest -> the OLDEST one
+    deleted = ck.prune_checkpoints(tmp_path, 1)
+    assert sorted(p.name for p in deleted) == ["ckpt_0000002.pt", "ckpt_0000003.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [
+        "ckpt_0000001.pt",
+        "ckpt_0000004.pt",
+        "latest.pt",
+    ]
+
+
+def test_non_checkpoint_gets_our_message_not_torchs_advice(tmp_path):
+    png = tmp_path / "demo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.safe_load(png)
+    msg = str(err.value)
+    assert "not a valid iddpm checkpoint" in msg and "weights_only=True" in msg
+    assert "Re-running" not in msg and "set to `False`" not in msg and "False will likely" not in msg

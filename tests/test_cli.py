@@ -114,7 +114,7 @@ def test_train_sample_nll_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+def test_ctrl_c_saves_and_exits_130(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "iddpm", "train", "--preset", "tiny", "--dataset", "digits8",
            "--diffusion-steps", "20", "--batch-size", "4", "--steps", "100000", "--log-every", "1",
@@ -130,7 +130,78 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == 130, err[-2000:]  # 128 + SIGINT, after saving
     assert "interrupted at step" in out
     saved = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert saved["step"] >= 2 and f"interrupted at step {saved['step']}" in out
+
+
+def test_sample_and_nll_flags():
+    ns = build_parser().parse_args(["sample", "c.pt"])
+    assert ns.precision == "auto" and ns.compile is False and ns.respacing is None
+    assert build_parser().parse_args(["sample", "c.pt", "--compile"]).compile is True
+    assert build_parser().parse_args(["nll", "c.pt", "--ema-rate", "0.99"]).ema_rate == 0.99
+    assert build_parser().parse_args(["train", "--keep-last", "0"]).keep_last == 0
+
+
+def test_sample_argument_errors_come_before_loading(tmp_path, capsys, monkeypatch):
+    missing = str(
+        tmp_path / "missing.pt"
+    )  # were the checkpoint read first, the error would be "no checkpoint"
+    assert main(["sample", missing, "--out", str(tmp_path / "x.jpg")]) == 2
+    assert "must end in .png" in capsys.readouterr().err
+    assert main(["sample", missing, "--eta", "0.5"]) == 2
+    assert "--ddim" in capsys.readouterr().err
+    assert main(["sample", missing, "--ddim", "--eta", "-1"]) == 2
+    assert "--eta must be >= 0" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["sample", missing, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "'cuda'" in err and "not available" in err and "available here: cpu" in err
+
+
+def test_non_checkpoint_is_refused_in_our_words(tmp_path, capsys):
+    png = tmp_path / "demo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    assert main(["sample", str(png), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "not a valid iddpm checkpoint" in err and "Re-running" not in err
+
+
+def test_missing_dataset_message_names_the_cli_flags(tmp_path, capsys):
+    argv = ["train", "--dataset", "cifar10", "--data-root", str(tmp_path), "--steps", "1", "--device", "cpu",
+            "--out-dir", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--download" in err and "--data-root" in err and "download=True" in err
+
+
+def test_interrupted_train_exits_130(tmp_path, monkeypatch, capsys):
+    import iddpm.train as tr
+
+    monkeypatch.setattr(tr, "train", lambda cfg, **kw: tr.TrainResult(2, tmp_path / "latest.pt", True, {}))
+    assert main(["train", "--out-dir", str(tmp_path), "--no-progress"]) == 130
+    assert "interrupted at step 2" in capsys.readouterr().out
+
+
+def test_small_T_train_sample_and_resume_read_once(tmp_path, capsys, monkeypatch):
+    # T = 20 < 100 with the default sample respacing (was: "cannot keep 100 of them").
+    run = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--dataset", "digits8", "--diffusion-steps", "20",
+            "--batch-size", "4", "--steps", "1", "--sample-every", "1", "--sample-num", "2",
+            "--out-dir", str(run), "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    assert (run / "samples_0000001.png").is_file()
+    png = tmp_path / "s"  # no suffix: .png is added
+    assert main(["sample", str(run / "latest.pt"), "--num", "1", "--out", str(png), "--no-progress",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    assert "20 ancestral steps" in capsys.readouterr().out and png.with_suffix(".png").is_file()
+    # Resuming reads the checkpoint once (its config and its state), and says when there is nothing to do.
+    from iddpm import checkpoint as ckpt_io
+
+    real, calls = ckpt_io.safe_load, []
+    monkeypatch.setattr(ckpt_io, "safe_load", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert main(["train", "--resume", "auto", "--out-dir", str(run), "--steps", "1", "--no-progress"]) == 0
+    assert len(calls) == 1
+    out = capsys.readouterr().out
+    assert "already at step 1 >= the requested 1 steps" in out and "done: step 1" in out

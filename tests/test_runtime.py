@@ -102,3 +102,25 @@ def test_in_colab(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "google", google)
     monkeypatch.setitem(sys.modules, "google.colab", colab)
     assert runtime.in_colab() is True
+
+
+def test_get_device_refuses_missing_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IDDPM_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("cuda", "cuda:0", "mps"):
+        with pytest.raises(ValueError, match=rf"device '{name}'.*not available.*available here: cpu$"):
+            runtime.get_device(name)
+    monkeypatch.setenv("IDDPM_DEVICE", "cuda")
+    with pytest.raises(ValueError, match="IDDPM_DEVICE"):
+        runtime.get_device()
+    monkeypatch.delenv("IDDPM_DEVICE")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert runtime.get_device("cuda:1") == torch.device("cuda", 1)
+    assert runtime.get_device("mps") == torch.device("mps")
+    with pytest.raises(
+        ValueError, match=r"only 2 CUDA device.*available here: cpu, cuda \(cuda:0..cuda:1\), mps"
+    ):
+        runtime.get_device("cuda:2")

@@ -327,3 +327,76 @@ def test_grad_scaler_branch_takes_the_same_step(tmp_path):
     assert st.scaler.get_scale() == 2.0**10  # finite grads: no back-off
     for a, b in zip(st.params, plain.params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_default_sample_respacing_is_at_most_100_steps(tmp_path):
+    assert TrainConfig().sample_respacing is None and TrainConfig().sample_spacing == "100"  # T = 4000
+    assert tiny_cfg(tmp_path, diffusion_steps=50).sample_spacing == "50"
+    assert tiny_cfg(tmp_path, diffusion_steps=50, sample_respacing="").sample_spacing == ""
+    # An explicit spacing that does not fit T is refused up front, not after training at the first grid.
+    with pytest.raises(ValueError, match=r"sample_respacing='100' does not fit diffusion_steps=50"):
+        tiny_cfg(tmp_path, diffusion_steps=50, sample_respacing="100")
+    with pytest.raises(ValueError, match="sample_respacing='ddim0'"):
+        tiny_cfg(tmp_path, sample_respacing="ddim0")
+    # Checkpoints saved with the former default "100" at T < 100 still load.
+    from iddpm.train import config_from_checkpoint
+
+    old = {"config": {**tiny_cfg(tmp_path, diffusion_steps=50).__dict__, "sample_respacing": "100"}}
+    assert config_from_checkpoint(old).sample_spacing == "50"
+
+
+def test_small_T_run_writes_its_sample_grid(tmp_path):
+    # T = 20 < 100 with the default sample_respacing: used to fail with "cannot keep 100 of them".
+    r = train(tiny_cfg(tmp_path, steps=1, sample_every=1, sample_num=2))
+    assert r.step == 1 and (tmp_path / "samples_0000001.png").is_file()
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    assert TrainConfig().keep_last == 3
+    with pytest.raises(ValueError, match="keep_last"):
+        tiny_cfg(tmp_path, keep_last=-1)
+    r = train(tiny_cfg(tmp_path / "a", steps=5, save_every=1, keep_last=2, log_every=100))
+    assert sorted(p.name for p in (tmp_path / "a").glob("ckpt_*.pt")) == [
+        "ckpt_0000004.pt",
+        "ckpt_0000005.pt",
+    ]
+    assert r.checkpoint.name == "ckpt_0000005.pt" and ck.safe_load(tmp_path / "a" / "latest.pt")["step"] == 5
+    train(tiny_cfg(tmp_path / "b", steps=3, save_every=1, keep_last=0, log_every=100))
+    assert len(list((tmp_path / "b").glob("ckpt_*.pt"))) == 3  # 0 keeps all
+
+
+def test_resume_past_the_requested_steps_says_so(tmp_path, capsys):
+    train(tiny_cfg(tmp_path, steps=2))
+    capsys.readouterr()
+    r = train(tiny_cfg(tmp_path, steps=1, sample_every=1, sample_num=2), resume="auto")
+    assert r.step == 2 and not r.interrupted
+    out = capsys.readouterr().out
+    assert "already at step 2 >= the requested 1 steps" in out and "--steps" in out
+    assert not list(tmp_path.glob("samples_*.png"))  # nothing trained: no new grid either
+
+
+def test_train_accepts_a_preloaded_checkpoint(tmp_path, monkeypatch):
+    train(tiny_cfg(tmp_path, steps=2))
+    loaded = ck.safe_load(tmp_path / "latest.pt")
+    calls = []
+    monkeypatch.setattr(ck, "safe_load", lambda *a, **k: calls.append(a))
+    r = train(tiny_cfg(tmp_path, steps=3), resume=tmp_path / "latest.pt", checkpoint=loaded)
+    assert r.step == 3 and calls == []  # not read a second time
+    with pytest.raises(ck.CheckpointError, match=r"\['lr'\]"):  # still checked against the config
+        train(tiny_cfg(tmp_path, steps=4, lr=1.0), resume=tmp_path / "latest.pt", checkpoint=loaded)
+
+
+def test_rank_seeds_are_distinct_and_stable():
+    from iddpm.train import rank_seed
+
+    seeds = [rank_seed(s, r, p) for s in range(4) for r in range(16) for p in ("t", "noise", "dropout")]
+    assert len(set(seeds)) == len(seeds)
+    # The old seed * 7919 + 2 * rank + k scheme gave rank 0's dropout seed to rank 1's t draws.
+    assert rank_seed(0, 0, "dropout") != rank_seed(0, 1, "t")
+    assert rank_seed(5, 3, "noise") == rank_seed(5, 3, "noise") and 0 <= rank_seed(5, 3, "noise") < 2**64
+    st0 = make_state(tiny_cfg(Path("unused")))
+    # Rank 1 (world_size 1 here, so no DDP wrapper or process group is needed to build the state).
+    st1 = make_train_state(tiny_cfg(Path("unused")), st0.unet_cfg, DistInfo(1, 1, 1, CPU))
+    assert st0.gen_t.initial_seed() == rank_seed(0, 0, "t") != st1.gen_t.initial_seed()
+    with pytest.raises(ValueError, match="purpose"):
+        rank_seed(0, 0, "data")
