@@ -7,6 +7,7 @@ Chapters added to _toc.yml are tested automatically.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -57,6 +58,23 @@ def test_math_is_typeset(visit: Any, page: str) -> None:
     )
     assert p.locator("mjx-container").count() >= n_math
     assert untypeset == [], f"{page}: math left raw (MathJax did not load?)"
+
+
+# Math that MyST did not parse shows up as literal dollars in the page text: a `$$` (e.g. a display block
+# inside a list item) or a `$...$` pair. Code and cell outputs are excluded, where dollars are legitimate.
+RAW_MATH = re.compile(r"\$\$|\$[^$]{1,300}\$")
+PROSE_TEXT_JS = """() => {
+    const article = document.querySelector('article').cloneNode(true);
+    article.querySelectorAll('pre, code, .cell_output, .math, mjx-container, script, style')
+        .forEach(e => e.remove());
+    return article.textContent;
+}"""
+
+
+def test_no_raw_math_in_text(visit: Any, page: str) -> None:
+    text = visit(page).page.evaluate(PROSE_TEXT_JS)
+    raw = [text[max(m.start() - 40, 0) : m.end() + 40] for m in RAW_MATH.finditer(text)]
+    assert raw == [], f"{page}: unrendered math (stray $$ or $...$) in the text: {raw}"
 
 
 def test_figures_render(visit: Any, notebook: str) -> None:
