@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -35,3 +35,13 @@ def grid_x0(gen: torch.Generator) -> Callable[..., torch.Tensor]:
         return torch.randint(0, 256, shape, generator=gen).double() / 127.5 - 1.0
 
     return make
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test single-threaded: with tensors this small, intra-op thread synchronisation dominates (10-80x
+    slower when the 2 CPU cores are shared). Restored afterwards so other tests are unaffected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

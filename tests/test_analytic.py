@@ -205,15 +205,6 @@ def test_input_validation(s: Schedule) -> None:
         model(torch.zeros(2, 2, dtype=F64), torch.tensor([0]))
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny ops: intra-op threading only adds overhead (badly so on a busy 2-core runner)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("method", ["ancestral", "ddim"])
 def test_sampling_with_the_exact_gaussian_denoiser_recovers_the_data(method: str, one_thread: None) -> None:
     """End to end: the reverse process driven by eps* of N(mu, sigma^2) data gives N(mu, sigma^2) samples."""

@@ -119,14 +119,7 @@ def test_exact_moment_recursion_converges_to_data():
 SHAPE = (16, 1, 1000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module single-threaded: with tensors this small, intra-op thread synchronisation dominates
-    (10x slower on a loaded 2-core machine). Restored afterwards so other test modules are unaffected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(
