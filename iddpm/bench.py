@@ -79,6 +79,8 @@ def bench(
     sample_batch: int | None = None,
     precision: str = "auto",
     compile: bool = False,
+    compile_mode: str = "default",
+    sample_compile_mode: str | None = None,
     channels_last: bool | None = None,
     steps: int | None = None,
     warmup: int = 3,
@@ -88,13 +90,21 @@ def bench(
     sample: bool = True,
     device: str = "auto",
     seed: int = 0,
+    profile: str | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Measure one preset; returns a JSON-able dict (see :func:`format_table` for the fields shown).
 
     Args:
         preset: a :data:`iddpm.unet.PRESETS` name.
         batch: training batch. sample_batch: sampling batch (default ``2 * batch``).
-        precision, compile, channels_last: as in :class:`iddpm.train.TrainConfig`.
+        precision, compile, compile_mode, channels_last: as in :class:`iddpm.train.TrainConfig`.
+        sample_compile_mode: ``torch.compile`` mode of the sampling model (default: ``compile_mode``).
+        profile: if set, a path: after timing, profile a few training steps and sampling steps with
+            ``torch.profiler`` and write the kernels ranked by device time there (text), plus the share of the
+            wall time the device was busy (a low share means the step is bound by Python/launch overhead).
+        report: called with the result once the timings are in, before profiling (so a profiler crash
+            cannot lose them); the returned dict then also holds ``"profile"``.
         steps: training steps per timed block (default 20 on a GPU, 5 elsewhere); warmup: untimed steps
             before; repeats: timed blocks.
         sample_steps: respaced sampling steps per timed sampling loop (default 100 on a GPU, as the
@@ -107,7 +117,7 @@ def bench(
 
     from .losses import training_losses
     from .respace import respace, space_timesteps
-    from .runtime import get_device
+    from .runtime import check_compile_mode, compile_model, get_device
     from .sampling import sample as sample_fn
     from .train import DistInfo, TrainConfig, make_train_state, resolve_unet_config, train_step
     from .unet import UNetConfig
@@ -121,11 +131,14 @@ def bench(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if sample_compile_mode is not None:
+        check_compile_mode(sample_compile_mode)
     sample_batch = sample_batch or 2 * batch
     base = UNetConfig.preset(preset)
     cfg = TrainConfig(
         preset=preset, dataset="digits8", diffusion_steps=diffusion_steps, batch_size=batch, steps=1,
-        precision=precision, compile=compile, channels_last=channels_last, seed=seed, progress=False,
+        precision=precision, compile=compile, compile_mode=compile_mode, channels_last=channels_last,
+        seed=seed, progress=False,
         class_cond=base.num_classes is not None,
     )  # fmt: skip
     ucfg = resolve_unet_config(cfg, base.in_channels, base.num_classes)
@@ -166,6 +179,8 @@ def bench(
         "preset": preset, "params": params, "device": str(dev),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "torch": torch.__version__, "precision": st.policy.name, "compile": compile,
+        "compile_mode": compile_mode if compile else None,
+        "sample_compile_mode": (sample_compile_mode or compile_mode) if compile else None,
         "channels_last": st.channels_last, "batch": batch, "diffusion_steps": diffusion_steps,
         "warmup_steps": warmup, "timed_steps": steps, "repeats": repeats, "train_warmup_s": warmup_s,
         "train_ms_per_step": train_s * 1e3, "train_img_per_s": batch / train_s,
@@ -176,7 +191,7 @@ def bench(
 
     if sample:
         ema = st.emas[cfg.ema_rates[0]]
-        model = torch.compile(ema) if compile else ema
+        model = compile_model(ema, sample_compile_mode or compile_mode) if compile else ema
         fast = respace(st.schedule.to("cpu"), space_timesteps(diffusion_steps, str(sample_steps))).to(dev)
         sshape = (sample_batch, *shape[1:])
         skw = None
@@ -205,13 +220,83 @@ def bench(
             sample_peak_mem_gib=_peak_mem_gib(dev),
         )  # fmt: skip
     result["peak_rss_gib"] = _rss_gib()
+    if report is not None:
+        report(result)
+    if profile:
+        parts = [("training step", one_step, 3, 1)]
+        if sample:
+            parts.append((f"sampling loop ({fast.num_steps} model calls)", one_loop, 1, fast.num_steps))
+        try:
+            result["profile"] = _profile(dev, parts, Path(profile), head=format_table(result))
+        except Exception as e:  # noqa: BLE001 -- a profiler hiccup must not lose the measured numbers
+            result["profile"] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"profiling failed: {e}", file=sys.stderr)
     return result
+
+
+def _kernel_us(prof: Any) -> float:
+    """Summed duration of the device events (kernels, copies, fills) a profiler recorded, in microseconds."""
+    from torch.autograd import DeviceType
+
+    return float(sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA))
+
+
+def _profile(
+    dev: torch.device, parts: list[tuple[str, Callable[[], Any], int, int]], path: Path, head: str = ""
+) -> dict[str, Any]:
+    """Profile each ``(title, fn, calls, units)`` part and write the kernel tables to ``path``.
+
+    For each part: the wall time per call, the summed device (kernel) time per call, their ratio (how busy the
+    device was) and the ops ranked by self device time (CPU time on a CPU). Returns the numbers per part.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sort = "self_cpu_time_total" if dev.type != "cuda" else "self_cuda_time_total"
+    out, lines = {}, [head, ""] if head else []
+    for title, fn, calls, units in parts:
+        fn()  # one more untimed call so the profiler sees steady state
+        with torch_profile(activities=acts) as prof:
+            wall = _timer(dev, fn, calls) / calls
+        avgs = prof.key_averages()
+        busy_us = _kernel_us(prof) / calls if dev.type == "cuda" else None
+        rec = {
+            "wall_ms_per_call": wall * 1e3,
+            "device_ms_per_call": None if busy_us is None else busy_us / 1e3,
+        }
+        rec["device_busy_frac"] = None if busy_us is None else busy_us / 1e6 / wall
+        out[title] = rec
+        busy = (
+            ""
+            if busy_us is None
+            else (f", device busy {busy_us / 1e3:.2f} ms = {rec['device_busy_frac']:.0%} of the wall time")
+        )
+        lines += [
+            f"## {title}: {wall * 1e3:.2f} ms wall per call ({wall * 1e3 / units:.2f} ms per unit){busy}",
+            "",
+        ]
+        try:
+            lines.append(avgs.table(sort_by=sort, row_limit=40, max_name_column_width=90))
+        except (KeyError, AttributeError, ValueError):  # sort key renamed in some torch versions
+            lines.append(avgs.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return out
 
 
 def _autocast(st: Any):
     from .precision import autocast
 
     return autocast(st.policy, st.device)
+
+
+def _compile_label(r: dict[str, Any]) -> str:
+    if not r["compile"]:
+        return "off"
+    train, smp = r.get("compile_mode") or "default", r.get("sample_compile_mode") or "default"
+    return train if train == smp else f"{train} (sampling {smp})"
 
 
 def format_table(r: dict[str, Any]) -> str:
@@ -222,7 +307,7 @@ def format_table(r: dict[str, Any]) -> str:
 
     head = (
         f"{r['preset']}: {r['params']:,} params | {r['gpu'] or r['device']} | torch {r['torch']} | "
-        f"{r['precision']}, compile={r['compile']}, channels_last={r['channels_last']}"
+        f"{r['precision']}, compile={_compile_label(r)}, channels_last={r['channels_last']}"
     )
     rows = [
         ("what", "batch", "ms/step", "img/s", "TFLOP/s", "peak GiB"),
@@ -247,6 +332,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     """The ``bench`` sub-command's flags."""
+    from .runtime import COMPILE_MODES
     from .unet import PRESETS
 
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
@@ -254,6 +340,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-batch", type=int, default=None, help="sampling batch (default 2 x batch)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument(
+        "--compile-mode", default="default", choices=list(COMPILE_MODES), help="torch.compile mode"
+    )
+    p.add_argument(
+        "--sample-compile-mode", default=None, choices=list(COMPILE_MODES), help="default: --compile-mode"
+    )
     p.add_argument("--channels-last", default=None, choices=["auto", "true", "false"])
     p.add_argument("--steps", type=int, default=None, help="training steps per timed block (GPU 20, CPU 5)")
     p.add_argument("--warmup", type=int, default=3)
@@ -266,6 +358,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         "--params-only", action="store_true", help="print the parameter count (meta device) and exit"
     )
     p.add_argument("--json", default=None, help="also write the result as JSON here")
+    p.add_argument(
+        "--profile", default=None, help="also profile a few steps and write the kernel tables (text) here"
+    )
 
 
 def run_from_args(ns: argparse.Namespace) -> int:
@@ -277,13 +372,21 @@ def run_from_args(ns: argparse.Namespace) -> int:
             Path(ns.json).write_text(json.dumps({"preset": ns.preset, "params": n}) + "\n")
         return 0
     cl = {None: None, "auto": None, "true": True, "false": False}[ns.channels_last]
+
+    def report(r: dict[str, Any]) -> None:
+        if "profile" not in r:
+            print(format_table(r), flush=True)
+        if ns.json:
+            Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(ns.json).write_text(json.dumps(r, indent=1) + "\n")
+
     r = bench(
         ns.preset, batch=ns.batch, sample_batch=ns.sample_batch, precision=ns.precision, compile=ns.compile,
+        compile_mode=ns.compile_mode, sample_compile_mode=ns.sample_compile_mode, profile=ns.profile,
         channels_last=cl, steps=ns.steps, warmup=ns.warmup, repeats=ns.repeats, sample_steps=ns.sample_steps,
-        diffusion_steps=ns.diffusion_steps, sample=not ns.no_sample, device=ns.device,
+        diffusion_steps=ns.diffusion_steps, sample=not ns.no_sample, device=ns.device, report=report,
     )  # fmt: skip
-    print(format_table(r))
-    if ns.json:
-        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.json).write_text(json.dumps(r, indent=1) + "\n")
+    if ns.profile:
+        report(r)
+        print(f"profile written to {ns.profile}")
     return 0

@@ -63,6 +63,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per ``TrainConfig`` field, typed from the annotations; defaults are SUPPRESSed so that only
     the flags actually given override the base config (the defaults, or the checkpoint's when resuming)."""
     from .data import DATASET_NAMES
+    from .runtime import COMPILE_MODES
     from .train import TrainConfig
     from .unet import PRESETS
 
@@ -76,6 +77,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         "var_type": ["fixed_small", "fixed_large", "learned", "learned_range"],
         "schedule_sampler": ["uniform", "loss-second-moment"],
         "precision": ["auto", "fp32", "bf16", "fp16"],
+        "compile_mode": list(COMPILE_MODES),
     }
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for f in dataclasses.fields(TrainConfig):
@@ -149,6 +151,7 @@ def _ema_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``iddpm`` parser with its four sub-commands."""
     from .bench import add_bench_args
+    from .runtime import COMPILE_MODES
 
     parser = argparse.ArgumentParser(
         prog="iddpm", description="Improved DDPM: train, sample, evaluate, benchmark."
@@ -207,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="torch.compile the model for sampling: costs ~1-2 min of compile time once, pays off for long "
         "runs (many images or steps); default: off",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=list(COMPILE_MODES),
+        help="torch.compile mode with --compile; 'reduce-overhead' replays each model call as a CUDA graph",
     )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
@@ -301,6 +310,7 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     from .data import save_png, to_uint8
     from .precision import autocast, resolve_precision
     from .respace import respace, space_timesteps
+    from .runtime import compile_model
     from .sampling import _check_eta, sample
     from .schedules import Schedule
     from .train import default_respacing, load_model
@@ -336,7 +346,7 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     s = s.to(device)
     policy = resolve_precision(ns.precision, device)
     if ns.compile:
-        model = torch.compile(model)
+        model = compile_model(model, ns.compile_mode)
     gen = torch.Generator(device=device).manual_seed(ns.seed)
     labels = None
     if ucfg.num_classes is not None:

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["FAST", "fast_mode", "get_device", "in_colab", "seed_everything"]
+__all__ = ["COMPILE_MODES", "FAST", "compile_model", "fast_mode", "get_device", "in_colab", "seed_everything"]
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -165,3 +166,22 @@ def in_colab() -> bool:
     except ImportError:
         return False
     return True
+
+
+# torch.compile's modes. "reduce-overhead" adds CUDA graphs: the whole compiled forward (and backward) replays
+# as one launch, so the Python/launch cost per kernel disappears; it needs fixed shapes (the bench, training
+# and sampling all have them) and costs some extra GPU memory for the graphs' private pool. On a CPU it is
+# the same as "default".
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str) -> str:
+    """Validate a ``torch.compile`` mode name (see :data:`COMPILE_MODES`)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; choose one of {COMPILE_MODES}")
+    return mode
+
+
+def compile_model(model: Any, mode: str = "default") -> Any:
+    """``torch.compile(model, mode=mode)`` after checking ``mode`` (compilation happens at the first call)."""
+    return torch.compile(model, mode=check_compile_mode(mode))

@@ -56,6 +56,7 @@ from .ema import check_rate, copy_buffers, ema_update, make_ema
 from .losses import training_losses
 from .precision import PrecisionPolicy, autocast, make_scaler, resolve_precision
 from .resample import UniformSampler, make_sampler
+from .runtime import COMPILE_MODES, compile_model
 from .schedules import Schedule
 from .unet import PRESETS, UNet, UNetConfig
 
@@ -111,6 +112,8 @@ class TrainConfig:
         seed: model init, data order, t and noise draws.
         precision: ``"auto"|"fp32"|"bf16"|"fp16"`` (see :mod:`iddpm.precision`).
         channels_last: None = on for CUDA only. compile: ``torch.compile`` the training model.
+        compile_mode: ``torch.compile`` mode when ``compile`` (:data:`iddpm.runtime.COMPILE_MODES`);
+            ``"reduce-overhead"`` also replays the forward and backward as CUDA graphs.
         class_cond: condition on the dataset's labels. flip: random horizontal flips (the authors: none).
         device: ``"auto"`` (cuda > mps > cpu; ``cuda:LOCAL_RANK`` under torchrun) or a torch device string.
         progress: show a tqdm progress bar (rank 0).
@@ -148,6 +151,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
+    compile_mode: str = "default"
     class_cond: bool = False
     flip: bool = False
     device: str = "auto"
@@ -167,6 +171,7 @@ class TrainConfig:
             "var_type": _VAR_TYPES,
             "schedule_sampler": ("uniform", "loss-second-moment"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
+            "compile_mode": COMPILE_MODES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -246,7 +251,8 @@ def default_respacing(diffusion_steps: int) -> str:
 # written, or only the speed/numerics policy, not the run being continued). Anything else is refused by name.
 HARMLESS_FIELDS: frozenset[str] = frozenset(
     {"steps", "out_dir", "log_every", "save_every", "sample_every", "sample_num", "sample_respacing",
-     "keep_last", "progress", "compile", "precision", "channels_last", "device", "data_root", "download"}
+     "keep_last", "progress", "compile", "compile_mode", "precision", "channels_last", "device", "data_root",
+     "download"}
 )  # fmt: skip
 
 
@@ -409,7 +415,7 @@ def make_train_state(
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         step_model = ddp
     if cfg.compile:
-        step_model = torch.compile(step_model)
+        step_model = compile_model(step_model, cfg.compile_mode)
     st = TrainState(
         cfg=cfg, unet_cfg=unet_cfg, dist=info, schedule=schedule, model=model, step_model=step_model,
         ddp=ddp, opt=opt, scaler=scaler, policy=policy, emas=emas, sampler=sampler, gen_t=gen_t,

@@ -81,15 +81,19 @@ def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     names = [
+        "bench_compile.json",
+        "bench_compile_ro.json",
+        "bench_eager.json",
         "bench_fp32.json",
-        "mnist_samples.png",
-        "mnist_samples.npz",
-        "mnist_nll.json",
+        "profile_compile.txt",
         "precision_compare.json",
+        "precision_compare.png",
         "summary.md",
     ]
     for name in names:
         assert (tmp_path / name).is_file(), name
-    assert (tmp_path / "mnist" / "latest.pt").is_file()
-    assert "bench_fp32" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "bench_fp32" in summary and "bench_compile_ro" in summary and "skipped" not in proc.stdout
+    assert json.loads((tmp_path / "precision_compare.json").read_text())["all_finite"] is True
+    assert "## training step" in (tmp_path / "profile_compile.txt").read_text()
     assert json.loads((tmp_path / "precision_compare.json").read_text())["points"]
