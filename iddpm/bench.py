@@ -78,8 +78,8 @@ def bench(
     batch: int = 8,
     sample_batch: int | None = None,
     precision: str = "auto",
-    compile: bool = False,
-    compile_mode: str = "default",
+    compile: bool | None = None,
+    compile_mode: str = "reduce-overhead",
     sample_compile_mode: str | None = None,
     channels_last: bool | None = None,
     steps: int | None = None,
@@ -98,7 +98,9 @@ def bench(
     Args:
         preset: a :data:`iddpm.unet.PRESETS` name.
         batch: training batch. sample_batch: sampling batch (default ``2 * batch``).
-        precision, compile, compile_mode, channels_last: as in :class:`iddpm.train.TrainConfig`.
+        precision, compile_mode, channels_last: as in :class:`iddpm.train.TrainConfig`.
+        compile: True/False, or None (default) for the automatic choice of a long run (on for one CUDA GPU
+            with Triton, off on CPU; :func:`iddpm.runtime.choose_compile`): the bench measures the fast path.
         sample_compile_mode: ``torch.compile`` mode of the sampling model (default: ``compile_mode``).
         profile: if set, a path: after timing, profile a few training steps and sampling steps with
             ``torch.profiler`` and write the kernels ranked by device time there (text), plus the share of the
@@ -117,7 +119,7 @@ def bench(
 
     from .losses import training_losses
     from .respace import respace, space_timesteps
-    from .runtime import check_compile_mode, compile_model, get_device
+    from .runtime import check_compile_mode, compile_model, get_device, resolve_compile
     from .sampling import sample as sample_fn
     from .train import DistInfo, TrainConfig, make_train_state, resolve_unet_config, train_step
     from .unet import UNetConfig
@@ -133,6 +135,7 @@ def bench(
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     if sample_compile_mode is not None:
         check_compile_mode(sample_compile_mode)
+    compile = resolve_compile(compile, dev)
     sample_batch = sample_batch or 2 * batch
     base = UNetConfig.preset(preset)
     cfg = TrainConfig(
@@ -339,9 +342,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8, help="training batch")
     p.add_argument("--sample-batch", type=int, default=None, help="sampling batch (default 2 x batch)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument(
-        "--compile-mode", default="default", choices=list(COMPILE_MODES), help="torch.compile mode"
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on for one CUDA GPU with Triton, off elsewhere",
+    )
+    p.add_argument(
+        "--compile-mode", default="reduce-overhead", choices=list(COMPILE_MODES), help="torch.compile mode"
     )
     p.add_argument(
         "--sample-compile-mode", default=None, choices=list(COMPILE_MODES), help="default: --compile-mode"

@@ -10,7 +10,7 @@ Examples::
     python -m iddpm sample runs/c10/latest.pt --num 64 --respacing ddim25 --ddim --eta 0
     python -m iddpm sample runs/c10/latest.pt --num 50000 --batch 500 --compile   # compile pays off here
     python -m iddpm nll runs/c10/latest.pt --num 256 --respacing 100
-    python -m iddpm bench --preset cifar10 --batch 128 --precision bf16 --compile --json bench.json
+    python -m iddpm bench --preset cifar10 --batch 128 --sample-batch 256 --json b.json  # GPU: bf16+compile
 
 ``train`` flags are generated from :class:`iddpm.train.TrainConfig`'s fields (``--batch-size`` for
 ``batch_size``, ...). With ``--resume``, the checkpoint's config is the base and only the flags you give
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--compile-mode",
-        default="default",
+        default="reduce-overhead",
         choices=list(COMPILE_MODES),
         help="torch.compile mode with --compile; 'reduce-overhead' replays each model call as a CUDA graph",
     )

@@ -97,3 +97,34 @@ def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
     assert json.loads((tmp_path / "precision_compare.json").read_text())["all_finite"] is True
     assert "## training step" in (tmp_path / "profile_compile.txt").read_text()
     assert json.loads((tmp_path / "precision_compare.json").read_text())["points"]
+
+
+def test_bench_profile_writes_kernel_tables_after_reporting(tmp_path):
+    seen = []
+    path = tmp_path / "prof" / "p.txt"
+    r = bench(
+        "tiny", batch=2, sample_batch=2, steps=1, warmup=0, repeats=1, sample_steps=2, diffusion_steps=20,
+        device="cpu", profile=str(path), report=lambda res: seen.append(dict(res)),
+    )  # fmt: skip
+    # The numbers are reported before the profiler runs, so a profiler crash cannot lose them.
+    assert len(seen) == 1 and "profile" not in seen[0] and seen[0]["train_img_per_s"] == r["train_img_per_s"]
+    text = path.read_text()
+    assert "## training step" in text and "## sampling loop (2 model calls)" in text and "aten::" in text
+    assert set(r["profile"]) == {"training step", "sampling loop (2 model calls)"}
+    assert r["profile"]["training step"]["wall_ms_per_call"] > 0
+    assert r["profile"]["training step"]["device_busy_frac"] is None  # no CUDA kernels on a CPU
+    # Auto compile is off on a CPU, and the table says so.
+    assert r["compile"] is False and r["compile_mode"] is None and "compile=off" in format_table(r)
+
+
+def test_bench_compile_flags_parse():
+    from iddpm.cli import build_parser
+
+    ns = build_parser().parse_args(["bench"])
+    assert ns.compile is None and ns.compile_mode == "reduce-overhead" and ns.sample_compile_mode is None
+    ns = build_parser().parse_args(["bench", "--no-compile", "--sample-compile-mode", "default"])
+    assert ns.compile is False and ns.sample_compile_mode == "default"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--compile-mode", "fast"])
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        bench("tiny", device="cpu", sample_compile_mode="fast")

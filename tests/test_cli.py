@@ -135,6 +135,9 @@ def test_sample_and_nll_flags():
     ns = build_parser().parse_args(["sample", "c.pt"])
     assert ns.precision == "auto" and ns.compile is False and ns.respacing is None
     assert build_parser().parse_args(["sample", "c.pt", "--compile"]).compile is True
+    assert build_parser().parse_args(["sample", "c.pt"]).compile_mode == "reduce-overhead"
+    ns = build_parser().parse_args(["train", "--compile", "auto", "--compile-mode", "default"])
+    assert ns.compile is None and ns.compile_mode == "default"
     assert build_parser().parse_args(["nll", "c.pt", "--ema-rate", "0.99"]).ema_rate == 0.99
     assert build_parser().parse_args(["train", "--keep-last", "0"]).keep_last == 0
 

@@ -1,4 +1,4 @@
-"""Tests for iddpm.runtime: FAST mode, device choice, seeding, Colab detection."""
+"""Tests for iddpm.runtime: FAST mode, device choice, seeding, Colab detection, compile policy."""
 
 from __future__ import annotations
 
@@ -11,6 +11,14 @@ import pytest
 import torch
 
 from iddpm import runtime
+from iddpm.runtime import (
+    AUTO_COMPILE_MIN_STEPS,
+    COMPILE_MODES,
+    check_compile_mode,
+    choose_compile,
+    compile_model,
+    resolve_compile,
+)
 
 
 @pytest.mark.parametrize("value", ["1", "true", "YES", " on "])
@@ -124,3 +132,43 @@ def test_get_device_refuses_missing_accelerators(monkeypatch: pytest.MonkeyPatch
         ValueError, match=r"only 2 CUDA device.*available here: cpu, cuda \(cuda:0..cuda:1\), mps"
     ):
         runtime.get_device("cuda:2")
+
+
+# --------------------------------------------------------------------------------------------- compile policy
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "world", "steps", "cap", "triton", "expected"),
+    [
+        (None, "cuda", 1, 500_000, (9, 0), True, True),  # long single-GPU run: compile
+        (None, "cuda", 1, None, (7, 5), True, True),  # T4, length unknown (the bench): compile
+        (None, "cuda", 1, AUTO_COMPILE_MIN_STEPS - 1, (9, 0), True, False),  # too short to pay off
+        (None, "cuda", 1, AUTO_COMPILE_MIN_STEPS, (9, 0), True, True),
+        (None, "cuda", 8, 500_000, (9, 0), True, False),  # DDP: only when asked
+        (None, "cuda", 1, 500_000, (6, 1), True, False),  # Pascal: Triton does not support it
+        (None, "cuda", 1, 500_000, (9, 0), False, False),  # no Triton (e.g. Windows)
+        (None, "cpu", 1, 500_000, None, True, False),
+        (None, "mps", 1, 500_000, None, True, False),
+        (True, "cpu", 1, 10, None, False, True),  # an explicit choice always wins
+        (False, "cuda", 1, 500_000, (9, 0), True, False),
+    ],
+)
+def test_choose_compile_table(requested, device, world, steps, cap, triton, expected) -> None:
+    got = choose_compile(
+        requested, device, world_size=world, total_steps=steps, capability=cap, has_triton=triton
+    )
+    assert got is expected
+
+
+def test_resolve_compile_on_cpu() -> None:
+    assert resolve_compile(None, torch.device("cpu"), total_steps=10**6) is False
+    assert resolve_compile(True, torch.device("cpu")) is True
+
+
+def test_compile_modes_are_checked() -> None:
+    assert check_compile_mode("reduce-overhead") == "reduce-overhead"
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'.*reduce-overhead"):
+        check_compile_mode("fast")
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        compile_model(torch.nn.Identity(), "turbo")
+    assert set(COMPILE_MODES) >= {"default", "reduce-overhead", "max-autotune"}

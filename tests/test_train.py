@@ -79,11 +79,20 @@ def batch(n=4, size=16, seed=0):
         (dict(loss_type="nope"), "loss_type"),
         (dict(ema_rates=(1.5,)), "EMA rate"),
         (dict(model_overrides={"widht": 3}), "widht"),
+        (dict(compile="yes"), "compile must be None"),
+        (dict(compile_mode="fast"), "compile_mode='fast' is not one of"),
     ],
 )
 def test_config_errors_say_what_is_allowed(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw)
+
+
+def test_compile_defaults_to_auto_and_stays_off_on_cpu():
+    cfg = TrainConfig(preset="tiny", dataset="digits8", steps=10**6)
+    assert cfg.compile is None and cfg.compile_mode == "reduce-overhead"
+    st = make_train_state(cfg, resolve_unet_config(cfg, 1, None), DistInfo(0, 0, 1, torch.device("cpu")))
+    assert st.compiled is False and st.step_model is st.model
 
 
 def test_model_config_follows_data_and_variance():
