@@ -270,15 +270,11 @@ def _profile(
         }
         rec["device_busy_frac"] = None if busy_us is None else busy_us / 1e6 / wall
         out[title] = rec
-        busy = (
-            ""
-            if busy_us is None
-            else (f", device busy {busy_us / 1e3:.2f} ms = {rec['device_busy_frac']:.0%} of the wall time")
-        )
-        lines += [
-            f"## {title}: {wall * 1e3:.2f} ms wall per call ({wall * 1e3 / units:.2f} ms per unit){busy}",
-            "",
-        ]
+        head_line = f"## {title}: {wall * 1e3:.2f} ms wall per call ({wall * 1e3 / units:.2f} ms per unit)"
+        if busy_us is not None:
+            frac = rec["device_busy_frac"]
+            head_line += f", device busy {busy_us / 1e3:.2f} ms = {frac:.0%} of the wall time"
+        lines += [head_line, ""]
         try:
             lines.append(avgs.table(sort_by=sort, row_limit=40, max_name_column_width=90))
         except (KeyError, AttributeError, ValueError):  # sort key renamed in some torch versions

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from .runtime import to_device_async
+
 __all__ = [
     "DATASET_NAMES",
     "TOY_NAMES",
@@ -522,8 +524,8 @@ class ImageBatches:
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         if self.device is not None:  # move uint8 (4x fewer bytes), convert on the device
-            x = x.to(self.device, non_blocking=True)
-            y = None if y is None else y.to(self.device, non_blocking=True)
+            x = to_device_async(x, self.device)
+            y = None if y is None else to_device_async(y, self.device)
         return to_model_range(x), y
 
     def state_dict(self) -> dict[str, int]:

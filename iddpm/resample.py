@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .runtime import to_device_async
+
 __all__ = ["LossSecondMomentSampler", "SAMPLER_NAMES", "UniformSampler", "make_sampler"]
 
 SAMPLER_NAMES: tuple[str, ...] = ("uniform", "loss-second-moment")
@@ -53,25 +55,11 @@ def _sample_from_weights(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     num_steps = w.numel()
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    p = _to_device(w / w.sum(), gen_device)
+    p = to_device_async(w / w.sum(), gen_device)
     t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
     # Importance weight: E_{t~p}[L_t / (T p_t)] = (1/T) sum_t L_t, the uniform average we want to estimate.
     weights = (1.0 / (num_steps * p[t])).float()
-    return _to_device(t, device), _to_device(weights, device)
-
-
-def _to_device(x: Tensor, device: torch.device | str) -> Tensor:
-    """Copy a small CPU tensor to ``device`` without stalling the host on CUDA.
-
-    A plain ``.to("cuda")`` from pageable memory synchronises with the GPU stream, i.e. it waits for the
-    previous training step to finish before the next one can be queued: one host sync per step. A pinned
-    copy with ``non_blocking=True`` is queued on the stream instead (PyTorch's pinned-memory cache keeps the
-    source alive until the copy has run).
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and x.device.type == "cpu":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
+    return to_device_async(t, device), to_device_async(weights, device)
 
 
 class UniformSampler:

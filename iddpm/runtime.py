@@ -32,7 +32,7 @@ import torch
 
 __all__ = [
     "COMPILE_MODES", "FAST", "choose_compile", "compile_model", "fast_mode", "get_device", "in_colab",
-    "resolve_compile", "seed_everything",
+    "resolve_compile", "seed_everything", "to_device_async",
 ]  # fmt: skip
 
 _TRUE = ("1", "true", "yes", "on")
@@ -238,3 +238,17 @@ def resolve_compile(
         None, "cuda", world_size=world_size, total_steps=total_steps,
         capability=torch.cuda.get_device_capability(device), has_triton=_has_triton(),
     )  # fmt: skip
+
+
+def to_device_async(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a CPU tensor to ``device`` without stalling the host on CUDA.
+
+    A plain ``.to("cuda")`` (``non_blocking`` or not) from pageable memory synchronises with the GPU stream,
+    i.e. it waits for the previous training step to finish before the next one can be queued: one host sync
+    per step. A pinned copy with ``non_blocking=True`` is queued on the stream instead (PyTorch's pinned
+    memory cache keeps the source alive until the copy has run). Elsewhere this is ``x.to(device)``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)

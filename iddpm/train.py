@@ -113,7 +113,8 @@ class TrainConfig:
         precision: ``"auto"|"fp32"|"bf16"|"fp16"`` (see :mod:`iddpm.precision`).
         channels_last: None = on for CUDA only.
         compile: ``torch.compile`` the training model; None (default) = automatic, i.e. on for a single CUDA
-            process with Triton and runs of >= 1000 steps (:func:`iddpm.runtime.choose_compile`).
+            process with Triton and runs of >= ``AUTO_COMPILE_MIN_STEPS`` (2,000) steps
+            (:func:`iddpm.runtime.choose_compile`).
         compile_mode: ``torch.compile`` mode (:data:`iddpm.runtime.COMPILE_MODES`). The default
             ``"reduce-overhead"`` replays the forward and the backward as CUDA graphs: 3,594 vs 2,192 img/s
             for plain ``"default"`` on the CIFAR-10 model (H200, docs/PERFORMANCE.md), whose compiled step is
@@ -423,12 +424,7 @@ def make_train_state(
         step_model = ddp
     compiled = resolve_compile(cfg.compile, device, world_size=info.world_size, total_steps=cfg.total_steps)
     if compiled:
-        mode = cfg.compile_mode
-        if mode in ("reduce-overhead", "max-autotune") and info.world_size > 1:
-            # CUDA graphs around DDP's gradient all-reduce hooks are not something we have measured: keep
-            # the fused kernels, skip the graphs.
-            mode = "default"
-        step_model = compile_model(step_model, mode)
+        step_model = compile_model(step_model, effective_compile_mode(cfg, info.world_size))
     st = TrainState(
         cfg=cfg, unet_cfg=unet_cfg, dist=info, schedule=schedule, model=model, step_model=step_model,
         ddp=ddp, opt=opt, scaler=scaler, policy=policy, emas=emas, sampler=sampler, gen_t=gen_t,
@@ -437,6 +433,14 @@ def make_train_state(
     st.params = list(model.parameters())
     st.ema_params = {rate: list(m.parameters()) for rate, m in emas.items()}
     return st
+
+
+def effective_compile_mode(cfg: TrainConfig, world_size: int) -> str:
+    """``cfg.compile_mode``, except that the CUDA-graph modes fall back to ``"default"`` under DDP (CUDA
+    graphs around DDP's gradient all-reduce hooks are not something we have measured)."""
+    if cfg.compile_mode in ("reduce-overhead", "max-autotune") and world_size > 1:
+        return "default"
+    return cfg.compile_mode
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -862,7 +866,8 @@ def train(
 
     if is_main and st.compiled:
         print(
-            f"compiling the model (torch.compile, mode {cfg.compile_mode!r}; --compile false turns it off): "
+            f"compiling the model (torch.compile, mode {effective_compile_mode(cfg, info.world_size)!r}; "
+            "--compile false turns it off): "
             "the first steps take a minute or two",
             flush=True,
         )
