@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time training and sampling steps (img/s, TFLOP/s, memory)")
     add_bench_args(p)
+
+    from .experiment_cli import add_experiment_args
+
+    add_experiment_args(sub.add_parser("experiment", help="run the paper's claims at small scale (results/)"))
     return parser
 
 
@@ -470,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sample(ns)
         if ns.command == "nll":
             return cmd_nll(ns)
+        if ns.command == "experiment":
+            from .experiment_cli import cmd_experiment
+
+            return cmd_experiment(ns)
         from .bench import run_from_args
 
         return run_from_args(ns)

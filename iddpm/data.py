@@ -68,7 +68,9 @@ ToyName = Literal["moons", "rings", "circles", "gaussians8", "checkerboard", "sw
 TOY_NAMES: tuple[str, ...] = ("moons", "rings", "circles", "gaussians8", "checkerboard", "swissroll")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".gif")  # the authors' list
 SplitName = Literal["train", "test", "all"]
-SPLIT_SEED = 20210218  # the paper's arXiv date; fixed forever: changing it would leak test digits into training
+SPLIT_SEED = (
+    20210218  # the paper's arXiv date; fixed forever: changing it would leak test digits into training
+)
 TEST_FRACTION = 1 / 6
 BUNDLED = ("mnist5k", "digits8")  # the offline sets whose held-out split is made by split_indices
 
@@ -176,8 +178,8 @@ def load_dataset(
         root: where the files are; default :func:`default_root` (required for ``"folder"``).
         split: ``"train"``, ``"test"`` or (bundled sets only) ``"all"``. mnist and cifar10 use their official
             test sets; digits8 and mnist5k a fixed, seeded, class-stratified 1/6 of each class
-            (:func:`split_indices`), with ``"all"`` the whole file; for a folder, point ``root`` at the split's
-            folder instead.
+            (:func:`split_indices`), with ``"all"`` the whole file; for a folder, point ``root`` at the
+            split's folder instead.
         download: fetch mnist / cifar10 with torchvision when their files are missing.
         image_size: side of the square output. For ``"folder"`` this is the authors' resize (box-halving
             while the short side is >= 2x the target, bicubic resize of the short side, centre crop); None

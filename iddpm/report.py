@@ -1,0 +1,129 @@
+"""Figures of an experiment, drawn from its ``results.json`` alone (``iddpm experiment report NAME``).
+
+Each figure shows means over seeds with error bars of one standard error, and is saved as PNG next to the
+results. Panels are stacked vertically so they stay readable on a narrow screen.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["draw"]
+
+
+def _errorbar(ax: Any, xs: list[float], stats: list[dict[str, Any]], label: str, **kw: Any) -> None:
+    ax.errorbar(
+        xs,
+        [s["mean"] for s in stats],
+        yerr=[s["se"] for s in stats],
+        label=label,
+        capsize=3,
+        marker="o",
+        ms=4,
+        **kw,
+    )
+
+
+def _bars(ax: Any, names: list[str], stats: list[dict[str, Any]], ylabel: str) -> None:
+    ax.bar(names, [s["mean"] for s in stats], yerr=[s["se"] for s in stats], capsize=4, color="#4c72b0")
+    for i, s in enumerate(stats):
+        ax.plot([i] * len(s["values"]), s["values"], "k.", ms=5)
+    ax.set_ylabel(ylabel)
+    lo = min(min(s["values"]) for s in stats)
+    hi = max(max(s["values"]) for s in stats)
+    pad = 0.15 * (hi - lo) + 1e-3
+    ax.set_ylim(lo - pad * 3, hi + pad)
+
+
+def _title(res: dict[str, Any]) -> str:
+    v = res["verdict"]
+    return f"claim {res['claim']}: {v['verdict']} ({v['held']}/{v['of']} checks), {res['scale']} scale"
+
+
+def draw(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Draw the figures of ``results`` into ``out_dir``; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    s = results["summary"]
+    paths: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.suptitle(_title(results), fontsize=10)
+        fig.tight_layout()
+        p = out_dir / name
+        fig.savefig(p, dpi=130)
+        plt.close(fig)
+        paths.append(p)
+
+    nll_arms = [a for a in s if "nll" in s[a]]
+    if nll_arms:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        _bars(ax, nll_arms, [s[a]["nll"] for a in nll_arms], "held-out NLL (bits/dim)")
+        save(fig, "nll.png")
+    skip_arms = [a for a in s if "skip" in s[a]]
+    if skip_arms:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for a in skip_arms:
+            _errorbar(ax, [100 * r["skip"] for r in s[a]["skip"]], [r["fid"] for r in s[a]["skip"]], a)
+        ax.set_xlabel("% of the reverse process skipped (noisiest steps)")
+        ax.set_ylabel("digit-FID")
+        ax.legend()
+        save(fig, "skip_fid.png")
+    quality = {v: rows for a in s.values() for v, rows in a.get("quality", {}).items()}
+    if quality:
+        fig, axes = plt.subplots(3, 1, figsize=(5, 8.5), sharex=True)
+        for v, rows in quality.items():
+            ks = [r["steps"] for r in rows]
+            for ax, k in zip(axes, ("fid", "precision", "recall"), strict=True):
+                _errorbar(ax, ks, [r[k] for r in rows], v)
+        for ax, k in zip(axes, ("digit-FID", "precision", "recall"), strict=True):
+            ax.set_xscale("log")
+            ax.set_ylabel(k)
+        axes[0].set_yscale("log")
+        axes[-1].set_xlabel("sampling steps K")
+        axes[0].legend(fontsize=8)
+        save(fig, "quality_vs_steps.png")
+    gns_arms = [a for a in s if "gns" in s[a]]
+    if gns_arms:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for a in gns_arms:
+            _errorbar(ax, [r["step"] for r in s[a]["gns"]], [r["b_simple"] for r in s[a]["gns"]], a)
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("gradient noise scale B_simple")
+        ax.legend()
+        save(fig, "gradient_noise.png")
+    curve_arms = [a for a in s if "curve" in s[a]]
+    if curve_arms:
+        fig, axes = plt.subplots(2, 1, figsize=(5, 6.5), sharex=True)
+        for a in curve_arms:
+            rows = [r for r in s[a]["curve"] if r["train_flops"] > 0]
+            label = f"{a} ({s[a]['params'] / 1e6:.2f} M params)" if s[a].get("params") else a
+            _errorbar(axes[0], [r["train_flops"] for r in rows], [r["fid"] for r in rows], label)
+            _errorbar(axes[1], [r["train_flops"] for r in rows], [r["bpd"] for r in rows], label)
+        fit = results.get("fits", {}).get("fid_vs_flops")
+        if fit:
+            xs = sorted(r["train_flops"] for a in curve_arms for r in s[a]["curve"] if r["train_flops"] > 0)
+            xs = [xs[0], xs[-1]]
+            axes[0].plot(
+                xs,
+                [10 ** (fit["intercept"] + fit["slope"] * math.log10(x)) for x in xs],
+                "k--",
+                lw=1,
+                label=f"power law, slope {fit['slope']:.2f} (r² {fit['r2']:.2f})",
+            )
+        for ax in axes:
+            ax.set_xscale("log")
+        axes[0].set_yscale("log")
+        axes[0].set_ylabel("digit-FID")
+        axes[1].set_ylabel("held-out NLL (bits/dim)")
+        axes[1].set_xlabel("training compute (FLOPs)")
+        axes[0].legend(fontsize=7)
+        save(fig, "scaling.png")
+    return paths
