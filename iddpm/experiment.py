@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +80,7 @@ class ExperimentSpec:
             raise ValueError(f"experiment {name!r} has no {scale!r} scale; it has {sorted(raw['scales'])}")
         sc = raw["scales"][scale]
         self.name, self.raw, self.scale = name, raw, scale
+        self.config_dir: Path | None = None  # set by load_spec: where the config (and its git repo) lives
         self.claim: str = raw["claim"]
         self.seeds: list[int] = list(sc.get("seeds", [0]))
         self.train_base = _merge(raw["train"], sc.get("train", {}))
@@ -118,7 +118,9 @@ class ExperimentSpec:
 
 def load_spec(name: str, scale: str, config_dir: str | os.PathLike = "experiments") -> ExperimentSpec:
     """Read ``config_dir/NAME.json`` at ``scale``."""
-    return ExperimentSpec(name, read_config(name, config_dir), scale)
+    spec = ExperimentSpec(name, read_config(name, config_dir), scale)
+    spec.config_dir = Path(config_dir).resolve()
+    return spec
 
 
 def experiment_names(config_dir: str | os.PathLike = "experiments") -> list[str]:
@@ -355,9 +357,10 @@ def measure_arm(
 # ------------------------------------------------------------------------------------------------ provenance
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, cwd: str | os.PathLike | None = None) -> str | None:
     try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=cwd)
+        return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -368,12 +371,13 @@ def provenance(
     """Where a results file came from: config, commit, command, seeds, versions, device, wall time."""
     import numpy as np
 
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    repo = spec.config_dir
+    dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=repo)
     return {
         "config": spec.resolved(),
-        "commit": _git("rev-parse", "HEAD"),
+        "commit": _git("rev-parse", "HEAD", cwd=repo),
         "dirty": bool(dirty) if dirty is not None else None,
-        "command": " ".join(["python -m iddpm", *sys.argv[1:]]) if sys.argv else None,
+        "command": f"python -m iddpm experiment run {spec.name} --scale {spec.scale}",
         "seeds": spec.seeds,
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -474,7 +478,7 @@ def export_pretrained(
             "arm": e["arm"],
             "seed": cfg.seed,
             "command": f"python -m iddpm experiment run {spec.name} --scale {spec.scale}",
-            "commit": _git("rev-parse", "HEAD"),
+            "commit": _git("rev-parse", "HEAD", cwd=spec.config_dir),
         }
         write_pretrained(safe_load(src), dest, info)
         log(f"exported {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
