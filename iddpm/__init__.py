@@ -3,7 +3,9 @@
 The maths are pure functions of a :class:`Schedule` and tensors (see ``iddpm.schedules`` for the conventions:
 0-based ``t``, images in ``[-1, 1]``, float64 schedules). Submodules hold the rest:
 ``iddpm.unet`` (the model),
-``iddpm.data``, ``iddpm.train``, ``iddpm.viz`` (matplotlib / widgets, imported lazily), ``iddpm.runtime``.
+``iddpm.data``, ``iddpm.train``, ``iddpm.viz`` (matplotlib / widgets, imported lazily), ``iddpm.runtime``,
+``iddpm.metrics`` and ``iddpm.features`` (digit-FID, precision/recall), ``iddpm.experiment`` (the claims at small
+scale, ``results/``), and :func:`pretrained` (the small models that ship in ``iddpm/checkpoints``).
 """
 
 from .diffusion import (
@@ -22,6 +24,7 @@ from .diffusion import (
     split_model_output,
 )
 from .evaluate import BpdResult, bits_per_dim
+from .model_zoo import Pretrained, pretrained
 from .losses import (
     LossType,
     approx_standard_normal_cdf,
@@ -56,6 +59,7 @@ __all__ = [
     "LossType",
     "MeanType",
     "PMeanVar",
+    "Pretrained",
     "SampleStep",
     "Schedule",
     "TrainConfig",
@@ -81,6 +85,7 @@ __all__ = [
     "predict_eps_from_x0",
     "predict_x0_from_eps",
     "predict_x0_from_xprev",
+    "pretrained",
     "prior_bpd",
     "q_mean_variance",
     "q_posterior",

@@ -466,7 +466,7 @@ def export_pretrained(
     spec: ExperimentSpec, exports: dict[str, dict[str, Any]], to: Path | None, log: Callable[[str], None]
 ) -> None:
     """Write the small EMA-only checkpoints the book loads with :func:`iddpm.pretrained`."""
-    from .pretrained import CHECKPOINT_DIR, write_pretrained
+    from .model_zoo import CHECKPOINT_DIR, write_pretrained
 
     for pname, e in exports.items():
         cfg = spec.config(e["arm"], int(e.get("seed", spec.seeds[0])))

@@ -125,7 +125,7 @@ def test_report_redraws_figures_from_the_json_alone(smoke: Path) -> None:
 
 @pytest.mark.slow
 def test_smoke_exports_pretrained_files_that_load(smoke: Path) -> None:
-    from iddpm.pretrained import available, pretrained
+    from iddpm.model_zoo import available, pretrained
 
     out = smoke / "results" / "b_sampling_steps" / "smoke"
     assert available(out) == ["digits8-hybrid", "digits8-simple"]
@@ -223,3 +223,39 @@ def test_claim_a_verdicts_follow_the_rule() -> None:
     assert none["verdict"] == "not reproduced" and none["held"] == 0
     with pytest.raises(ValueError, match="no verdict rule"):
         verdicts.judge({"claim": "z", "summary": {}, "arms": {}})
+
+
+# ------------------------------------------------------------------------------------ committed results
+
+
+def test_committed_pretrained_models_load_offline_and_are_small() -> None:
+    from iddpm import pretrained
+    from iddpm.model_zoo import CHECKPOINT_DIR, available
+
+    names = available()
+    assert {"digits8-hybrid", "digits8-simple"} <= set(names)
+    sizes = {n: (CHECKPOINT_DIR / f"{n}.pt").stat().st_size for n in names}
+    assert max(sizes.values()) <= 5e6 and sum(sizes.values()) <= 30e6, sizes
+    for n in names:
+        p = pretrained(n)
+        assert p.info["command"].startswith("python -m iddpm experiment run") and len(p.info["commit"]) == 40
+        x = torch.zeros(1, p.unet_config.in_channels, p.unet_config.image_size, p.unet_config.image_size)
+        out = p.model(
+            x, p.schedule.model_timesteps(torch.zeros(1, dtype=torch.long), p.config.rescale_timesteps)
+        )
+        assert out.shape[2:] == x.shape[2:] and p.schedule.num_steps == p.config.diffusion_steps
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_cpu_results_carry_verdicts_and_provenance(name: str) -> None:
+    res = experiment.load_results(name, REPO / "results")
+    assert res["scale"] == "cpu" and res["claim"] == experiment.read_config(name, CONFIGS)["claim"]
+    assert res["verdict"]["verdict"] in ("reproduced", "partly", "not reproduced")
+    prov = res["provenance"]
+    assert (
+        len(prov["commit"]) == 40 and prov["command"] == f"python -m iddpm experiment run {name} --scale cpu"
+    )
+    spec = experiment.load_spec(name, "cpu", CONFIGS)
+    assert prov["seeds"] == spec.seeds and sorted(res["arms"]) == sorted(spec.arms)
+    assert all(len(res["arms"][a]) == len(spec.seeds) for a in spec.arms)
+    assert list((REPO / "results" / name).glob("*.png")) and (REPO / "results" / name / "README.md").is_file()

@@ -1,5 +1,7 @@
 """Small pretrained models that ship with the package, for the book: ``iddpm.pretrained(name)``.
 
+``iddpm.pretrained("digits8-hybrid")`` returns a :class:`Pretrained` (model, configs, schedule, provenance).
+
 Each file in ``iddpm/checkpoints/NAME.pt`` holds one EMA model's weights, its training and model configs,
 and where it came from (the experiment, scale, arm, seed, command and commit that trained it). They are
 written by the experiment runner (``"export"`` in an experiment's ``eval`` block) and load with
