@@ -4,8 +4,8 @@ The maths are pure functions of a :class:`Schedule` and tensors (see ``iddpm.sch
 0-based ``t``, images in ``[-1, 1]``, float64 schedules). Submodules hold the rest:
 ``iddpm.unet`` (the model),
 ``iddpm.data``, ``iddpm.train``, ``iddpm.viz`` (matplotlib / widgets, imported lazily), ``iddpm.runtime``,
-``iddpm.metrics`` and ``iddpm.features`` (digit-FID, precision/recall), ``iddpm.experiment`` (the claims at small
-scale, ``results/``), and :func:`pretrained` (the small models that ship in ``iddpm/checkpoints``).
+``iddpm.metrics`` and ``iddpm.features`` (digit-FID, precision/recall), ``iddpm.experiment`` (the claims at
+small scale, ``results/``), and :func:`pretrained` (the small models that ship in ``iddpm/checkpoints``).
 """
 
 from .diffusion import (
@@ -24,7 +24,6 @@ from .diffusion import (
     split_model_output,
 )
 from .evaluate import BpdResult, bits_per_dim
-from .model_zoo import Pretrained, pretrained
 from .losses import (
     LossType,
     approx_standard_normal_cdf,
@@ -35,6 +34,7 @@ from .losses import (
     training_losses,
     vlb_term_bpd,
 )
+from .model_zoo import Pretrained, pretrained
 from .resample import LossSecondMomentSampler, UniformSampler, make_sampler
 from .respace import respace, space_timesteps
 from .sampling import SampleStep, ddim_invert, sample, sample_progressive

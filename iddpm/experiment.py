@@ -455,6 +455,7 @@ def run_experiment(
     tmp.write_text(json.dumps(measure.json_safe(results), indent=1) + "\n")
     os.replace(tmp, target)
     report.draw(results, target.parent)
+    report.write_readme(results, target.parent)
     if spec.eval.get("export"):
         export_pretrained(spec, spec.eval["export"], target.parent if scale == "smoke" else None, log)
     v = results["verdict"]

@@ -50,12 +50,12 @@ def cmd_experiment(ns: argparse.Namespace) -> int:
             print(f"{name}: claim {raw['claim']}: {raw.get('title', '')}")
         return 0
     if ns.action == "report":
-        from .report import draw
+        from .report import draw, write_readme
 
         for name in _names(ns.names, ns.config_dir):
             res = load_results(name, ns.results_dir, smoke=ns.smoke)
             target = Path(ns.results_dir) / name / ("smoke" if ns.smoke else "")
-            for p in draw(res, target):
+            for p in [*draw(res, target), write_readme(res, target)]:
                 print(p)
         return 0
     if ns.train_only:

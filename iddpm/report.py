@@ -127,3 +127,120 @@ def draw(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
         axes[0].legend(fontsize=7)
         save(fig, "scaling.png")
     return paths
+
+
+def _fmt(stat: dict[str, Any], digits: int = 3) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['se']:.{digits}f}"
+
+
+def write_readme(results: dict[str, Any], out_dir: str | Path) -> Path:
+    """``README.md`` of an experiment, generated from ``results`` (every number in it is read from there).
+
+    A hand-written ``discussion.md`` in ``out_dir`` (why a claim does or does not reproduce, what a larger
+    run would need) is appended as the last section.
+    """
+    out_dir = Path(out_dir)
+    s, v, prov = results["summary"], results["verdict"], results["provenance"]
+    lines = [f"# Claim {results['claim']}: {results.get('title') or results['experiment']}", ""]
+    lines += [
+        f"**Paper:** {results.get('paper') or ''}",
+        "",
+        f"**Protocol (as fixed before running, for the CPU scale):** {results.get('protocol') or ''}",
+        "",
+    ]
+    if results["scale"] != "cpu":
+        lines += [
+            f"This file is the **{results['scale']}** scale (seeds {prov['seeds']}); see the config.",
+            "",
+        ]
+    lines += [
+        f"## Verdict: {v['verdict']} ({v['held']} of {v['of']} checks hold)",
+        "",
+        "A check holds when the difference exceeds twice its standard error (seed-to-seed).",
+        "",
+        "| check | holds | difference | standard error |",
+        "|---|---|---:|---:|",
+    ]
+    for c in v["checks"]:
+        se = "" if c.get("se") is None else f"{c['se']:.4g}"
+        lines.append(f"| {c['check']} | {'yes' if c['holds'] else 'no'} | {c['difference']:.4g} | {se} |")
+    lines += ["", "## Measurements (mean ± standard error over seeds)", ""]
+    nll_arms = [a for a in s if "nll" in s[a]]
+    if nll_arms:
+        lines += ["| arm | held-out NLL (bits/dim) | seeds |", "|---|---:|---:|"]
+        lines += [f"| {a} | {_fmt(s[a]['nll'])} | {s[a]['nll']['n']} |" for a in nll_arms]
+        lines.append("")
+    for a in s:
+        if "skip" in s[a]:
+            lines += [
+                f"Skipping the noisiest steps, arm **{a}**:",
+                "",
+                "| skipped | digit-FID | precision | recall |",
+                "|---:|---:|---:|---:|",
+            ]
+            lines += [
+                f"| {100 * r['skip']:.0f}% | {_fmt(r['fid'], 2)} | {_fmt(r['precision'])} | "
+                f"{_fmt(r['recall'])} |"
+                for r in s[a]["skip"]
+            ]
+            lines.append("")
+    quality = {q: rows for a in s.values() for q, rows in a.get("quality", {}).items()}
+    if quality:
+        lines += ["| sampler | K | digit-FID | precision | recall |", "|---|---:|---:|---:|---:|"]
+        for q, rows in quality.items():
+            lines += [
+                f"| {q} | {r['steps']} | {_fmt(r['fid'], 2)} | {_fmt(r['precision'])} | {_fmt(r['recall'])} |"
+                for r in rows
+            ]
+        lines.append("")
+    gns_arms = [a for a in s if "gns" in s[a]]
+    if gns_arms:
+        steps = [r["step"] for r in s[gns_arms[0]]["gns"]]
+        lines += [
+            "Gradient noise scale B_simple:",
+            "",
+            "| arm | " + " | ".join(f"step {st}" for st in steps) + " |",
+            "|---|" + "---:|" * len(steps),
+        ]
+        lines += [
+            f"| {a} | "
+            + " | ".join(f"{r['b_simple']['mean']:.3g} ± {r['b_simple']['se']:.2g}" for r in s[a]["gns"])
+            + " |"
+            for a in gns_arms
+        ]
+        lines.append("")
+    curve_arms = [a for a in s if "curve" in s[a]]
+    if curve_arms:
+        lines += [
+            "| arm | params | step | training FLOPs | digit-FID | NLL (bits/dim) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for a in curve_arms:
+            lines += [
+                f"| {a} | {s[a]['params']:,} | {r['step']} | {r['train_flops']:.3g} | {_fmt(r['fid'], 2)} | "
+                f"{_fmt(r['bpd'])} |"
+                for r in s[a]["curve"]
+            ]
+        for k, fit in results.get("fits", {}).items():
+            lines.append(f"\nLog-log fit {k}: slope {fit['slope']:.3f}, r² {fit['r2']:.3f}.")
+        lines.append("")
+    figs = sorted(p.name for p in out_dir.glob("*.png"))
+    lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figs] + [""]
+    lines += [
+        "## Provenance",
+        "",
+        f"- command: `{prov['command']}`",
+        f"- commit: `{prov['commit']}`" + (" (with uncommitted changes)" if prov.get("dirty") else ""),
+        f"- seeds: {prov['seeds']}; torch {prov['torch']}, numpy {prov['numpy']}; device {prov['device']} "
+        f"({prov.get('machine', '')}, {prov.get('cpu_count')} cores)",
+        f"- wall time of this command: {prov['wall_s'] / 60:.1f} min (training of runs shared with other "
+        "experiments is counted where it ran first)",
+        f"- date: {prov.get('date')}",
+        "",
+    ]
+    disc = out_dir / "discussion.md"
+    if disc.is_file():
+        lines += ["## Discussion", "", disc.read_text().strip(), ""]
+    path = out_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path
