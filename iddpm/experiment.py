@@ -456,6 +456,8 @@ def run_experiment(
     os.replace(tmp, target)
     report.draw(results, target.parent)
     report.write_readme(results, target.parent)
+    if scale == "cpu":
+        report.write_index(results_dir)
     if spec.eval.get("export"):
         export_pretrained(spec, spec.eval["export"], target.parent if scale == "smoke" else None, log)
     v = results["verdict"]

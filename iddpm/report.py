@@ -244,3 +244,33 @@ def write_readme(results: dict[str, Any], out_dir: str | Path) -> Path:
     path = out_dir / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def write_index(results_dir: str | Path) -> Path:
+    """``results_dir/README.md``: one line per experiment's CPU-scale results (claim, verdict, wall time)."""
+    import json
+
+    results_dir = Path(results_dir)
+    rows = [
+        "# Results: the paper's claims at small scale",
+        "",
+        "Written by `python -m iddpm experiment run NAME --scale cpu` (each line links to its own README "
+        "with the protocol, every number, the figures and the provenance). Verdicts follow the rules in "
+        "`iddpm/verdicts.py`, fixed before the runs.",
+        "",
+        "| claim | experiment | verdict | checks held | seeds | wall time (min) | commit |",
+        "|---|---|---|---:|---|---:|---|",
+    ]
+    for path in sorted(results_dir.glob("*/results.json")):
+        r = json.loads(path.read_text())
+        v, p = r["verdict"], r["provenance"]
+        rows.append(
+            f"| {r['claim']} | [{r['title']}]({path.parent.name}/README.md) | {v['verdict']} | "
+            f"{v['held']}/{v['of']} | {p['seeds']} | {p['wall_s'] / 60:.1f} | `{(p['commit'] or '')[:10]}` |"
+        )
+    extra = results_dir / "notes.md"
+    if extra.is_file():
+        rows += ["", extra.read_text().strip()]
+    out = results_dir / "README.md"
+    out.write_text("\n".join(rows) + "\n")
+    return out
