@@ -68,7 +68,9 @@ ToyName = Literal["moons", "rings", "circles", "gaussians8", "checkerboard", "sw
 TOY_NAMES: tuple[str, ...] = ("moons", "rings", "circles", "gaussians8", "checkerboard", "swissroll")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".gif")  # the authors' list
 SplitName = Literal["train", "test", "all"]
-SPLIT_SEED = 20210218  # the paper's arXiv date; fixed forever: changing it would leak test digits into training
+SPLIT_SEED = (
+    20210218  # the paper's arXiv date; fixed forever: changing it would leak test digits into training
+)
 TEST_FRACTION = 1 / 6
 BUNDLED = ("mnist5k", "digits8")  # the offline sets whose held-out split is made by split_indices
 

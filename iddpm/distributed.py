@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "broadcast_from_main",
     "DistInfo",
     "all_finite",
     "cleanup_distributed",
@@ -88,3 +89,12 @@ def cleanup_distributed() -> None:
     """Destroy the process group if one was started."""
     if is_dist():
         dist.destroy_process_group()
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process). Collective under torchrun."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
+from . import rundir
 from .config import (
     _LEARNED,
     HARMLESS_FIELDS,
@@ -64,6 +66,7 @@ from .config import (
 from .distributed import (
     DistInfo,
     all_finite,
+    broadcast_from_main,
     cleanup_distributed,
     gather,
     is_dist,
@@ -227,7 +230,7 @@ def make_train_state(
     torch.manual_seed(rank_seed(cfg.seed, info.rank, "dropout"))
     step = 0
     if checkpoint is not None:
-        step = _load_into(checkpoint, model, emas, opt, scaler, sampler, info)
+        step = _load_into(checkpoint, model, emas, opt, scaler, sampler, cfg.weight_decay)
     ddp = None
     step_model: Callable[..., Tensor] = model
     if info.world_size > 1:
@@ -431,7 +434,7 @@ def _state_dict(st: TrainState, data_state: dict[str, int]) -> dict[str, Any] | 
 
 
 def _load_into(
-    ck: dict, model: nn.Module, emas: dict, opt: Any, scaler: Any, sampler: Any, info: DistInfo
+    ck: dict, model: nn.Module, emas: dict, opt: Any, scaler: Any, sampler: Any, weight_decay: float
 ) -> int:
     model.load_state_dict(ck["model"])
     for rate, m in emas.items():
@@ -446,6 +449,8 @@ def _load_into(
             if key in g_now:
                 g_saved[key] = g_now[key]
     opt.load_state_dict(saved_opt)
+    for g in opt.param_groups:  # a resumable change (RESUMABLE_FIELDS) wins over the saved value
+        g["weight_decay"] = weight_decay
     if scaler is not None and ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
     sampler.load_state_dict(ck["sampler"])
@@ -466,16 +471,54 @@ def load_training_checkpoint(path: str | os.PathLike, cfg: TrainConfig) -> dict[
     return check_training_checkpoint(ckpt_io.safe_load(path), path, cfg)
 
 
+# What a training checkpoint must hold to be resumed (its "rng" may be missing: then with a warning).
+_RESUME_KEYS = {
+    "config": "the training config",
+    "model_config": "the model config",
+    "step": "the step count",
+    "model": "the model weights",
+    "ema": "the EMA weights",
+    "opt": "the optimizer state",
+    "sampler": "the timestep sampler state",
+    "data": "the data order",
+}
+
+
+def _check_keys(ck: dict[str, Any], path: str | os.PathLike, needed: dict[str, str], purpose: str) -> None:
+    missing = [k for k in needed if k not in ck or (ck[k] is None and k != "scaler")]
+    if missing:
+        what = ", ".join(f"{k!r} ({needed[k]})" for k in missing)
+        raise ckpt_io.CheckpointError(
+            f"{path} cannot be {purpose}: it is missing {what}. It was not written by iddpm's train() or "
+            "was cut or edited; use another checkpoint (e.g. an older ckpt_*.pt of the run)"
+        )
+
+
 def check_training_checkpoint(
     ck: dict[str, Any], path: str | os.PathLike, cfg: TrainConfig
 ) -> dict[str, Any]:
-    """Refuse a loaded checkpoint (read from ``path``) of another format or made with a different config."""
+    """Refuse a loaded checkpoint (read from ``path``) of another format, with missing parts, or made with a
+    different config (fields outside :data:`HARMLESS_FIELDS` and :data:`RESUMABLE_FIELDS`)."""
     if ck.get("format") != ckpt_io.FORMAT:
         raise ckpt_io.CheckpointError(
             f"{path} is not an iddpm training checkpoint (format {ck.get('format')!r})"
         )
-    ckpt_io.check_config(_upgrade_config(ck["config"]), asdict(cfg), ignore=HARMLESS_FIELDS)
+    _check_keys(ck, path, _RESUME_KEYS, "resumed")
+    ckpt_io.check_config(
+        _upgrade_config(ck["config"]), asdict(cfg), ignore=HARMLESS_FIELDS | RESUMABLE_FIELDS
+    )
     return ck
+
+
+def resumable_changes(ck: dict[str, Any], cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """The :data:`RESUMABLE_FIELDS` whose value in ``cfg`` differs from the checkpoint's:
+    ``{name: {"from": old, "to": new}}``."""
+    saved = _upgrade_config(ck["config"])
+    return {
+        k: {"from": saved.get(k), "to": getattr(cfg, k)}
+        for k in sorted(RESUMABLE_FIELDS)
+        if saved.get(k) != getattr(cfg, k)
+    }
 
 
 def load_model(
@@ -501,6 +544,8 @@ def load_model(
         raise ckpt_io.CheckpointError(
             f"{path} is not an iddpm training checkpoint (format {ck.get('format')!r})"
         )
+    needed = {k: _RESUME_KEYS[k] for k in ("config", "model_config", "step", "ema" if use_ema else "model")}
+    _check_keys(ck, path, needed, "loaded")
     mc = dict(ck["model_config"])
     for k in ("channel_mult", "attention_resolutions"):
         if mc.get(k) is not None:
@@ -526,13 +571,15 @@ def load_model(
 
 
 class TrainResult(NamedTuple):
-    """How a run ended: ``step`` reached, the ``checkpoint`` written last, ``interrupted`` by Ctrl-C, and the
-    ``last_log`` record (means of the last interval)."""
+    """How a run ended: ``step`` reached, the ``checkpoint`` written last, ``interrupted`` (by Ctrl-C, SIGTERM
+    or a callback), the ``last_log`` record (means of the last interval), and the ``signal`` that stopped it
+    (``"SIGINT"``, ``"SIGTERM"`` or None)."""
 
     step: int
     checkpoint: Path | None
     interrupted: bool
     last_log: dict[str, Any]
+    signal: str | None = None
 
 
 @torch.no_grad()
@@ -562,19 +609,47 @@ def save_sample_grid(st: TrainState, path: Path) -> Path:
     return save_png(path, to_uint8(x.float()))
 
 
-def _install_sigint(flag: threading.Event) -> Callable[[], None]:
-    """First Ctrl-C sets ``flag`` (the loop saves at the next step boundary); a second one stops at once."""
+class _StopRequest:
+    """Set by the first SIGINT (Ctrl-C) or SIGTERM (what Slurm, Kubernetes and preemptible cloud VMs send):
+    the loop saves a checkpoint at the next step boundary and returns. A second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal: str | None = None
+
+    def set(self, name: str | None = None) -> None:
+        if not self.event.is_set():
+            self.signal = name
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+_STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+def _install_stop_handlers(stop: _StopRequest) -> Callable[[], None]:
+    """Route SIGINT and SIGTERM to ``stop`` (main thread only); returns a function restoring the old ones."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {}
 
     def handler(signum: int, frame: Any) -> None:
-        if flag.is_set():
+        if stop.is_set():
             raise KeyboardInterrupt
-        flag.set()
+        stop.set(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGINT, handler)
-    return lambda: signal.signal(signal.SIGINT, previous)
+    for name in _STOP_SIGNALS:
+        sig = getattr(signal, name)
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
 
 
 def train(
@@ -586,39 +661,85 @@ def train(
 ) -> TrainResult:
     """Train until ``cfg.total_steps``, logging, checkpointing and sampling along the way.
 
+    Before any compute, ``cfg.out_dir`` is created and locked (:class:`iddpm.rundir.RunLock`; rank 0), the
+    leftovers of interrupted writes are removed, and a fresh run (``resume=None``) refuses a folder that
+    already holds a run. On resume, ``log.jsonl`` records past the checkpoint's step are dropped, and changed
+    optimiser settings (:data:`RESUMABLE_FIELDS`) are applied and logged as a ``config_change`` record.
+
     Args:
         cfg: the run.
-        resume: a checkpoint path, ``"auto"`` (``out_dir/latest.pt`` if present, else a fresh start) or None.
+        resume: a checkpoint path, ``"auto"`` (``out_dir/latest.pt`` if present, else a fresh start) or None
+            (a fresh start, refused if ``out_dir`` already holds a run).
         checkpoint: the dict already loaded from ``resume`` (e.g. by the CLI to read its config), so the file
             is not read twice; it is still checked against ``cfg``.
         callback: called as ``callback(step, out)`` after every completed step (1-based ``step``), e.g. to
             record losses in a notebook. Raising ``KeyboardInterrupt`` from it behaves like Ctrl-C.
 
     Returns:
-        :class:`TrainResult`.
+        :class:`TrainResult`. A first Ctrl-C or SIGTERM saves a checkpoint at the next step boundary and
+        returns with ``interrupted=True`` (and ``signal`` naming it).
 
     Raises:
         NonFiniteLossError: a loss term went NaN/inf (the last good checkpoint is kept, nothing bad is saved).
-        CheckpointError: ``resume`` points at an unsafe file or one from a different config.
+        CheckpointError: ``resume`` points at an unsafe file, one with missing parts, or one from a different
+            config; or a checkpoint cannot be written (e.g. a full disk).
+        RunDirError: ``out_dir`` cannot be written, already holds a run (fresh start), or is locked by
+            another process.
     """
-    from tqdm.auto import tqdm
-
-    from .data import ImageBatches, load_dataset
-
     info = setup_distributed(cfg.device)
     if cfg.batch_size % info.world_size:
         raise ValueError(
             f"batch_size={cfg.batch_size} is global and must divide evenly over {info.world_size} processes"
         )
-    per_rank = cfg.batch_size // info.world_size
     out_dir = Path(cfg.out_dir)
-    is_main = info.rank == 0
-
-    ck = None
+    fresh_ok = resume == "auto"
     if resume == "auto":
         resume = ckpt_io.find_resume(out_dir)
-    if checkpoint is not None and resume in (None, "auto"):
+    if checkpoint is not None and resume is None:
         raise ValueError("checkpoint= needs the path it was loaded from as resume=")
+    lock = rundir.RunLock(out_dir)
+    error = None
+    if info.rank == 0:
+        try:
+            rundir.prepare_out_dir(out_dir)
+            lock.acquire()
+            rundir.remove_stale_tmp(out_dir)
+            if resume is None:
+                if not fresh_ok:
+                    rundir.check_fresh(out_dir)
+                elif list(out_dir.glob("ckpt_*.pt")):
+                    raise rundir.RunDirError(
+                        f"{out_dir} holds checkpoints but no latest.pt: resume one of them with "
+                        "--resume PATH, or start a new run with a new --out-dir"
+                    )
+        except rundir.RunDirError as e:
+            lock.release()
+            error = str(e)
+    error = broadcast_from_main(error)  # every rank stops if rank 0 cannot use the folder
+    if error is not None:
+        raise rundir.RunDirError(error)
+    try:
+        return _train(cfg, info, out_dir, resume, checkpoint, callback)
+    finally:
+        lock.release()
+
+
+def _train(
+    cfg: TrainConfig,
+    info: DistInfo,
+    out_dir: Path,
+    resume: str | os.PathLike | None,
+    checkpoint: dict[str, Any] | None,
+    callback: Callable[[int, StepOutput], None] | None,
+) -> TrainResult:
+    """The body of :func:`train`, run while rank 0 holds the run directory's lock."""
+    from tqdm.auto import tqdm
+
+    from .data import ImageBatches, load_dataset
+
+    per_rank = cfg.batch_size // info.world_size
+    is_main = info.rank == 0
+    ck = None
     if resume is not None:
         if checkpoint is not None:
             ck = check_training_checkpoint(checkpoint, resume, cfg)
@@ -635,8 +756,19 @@ def train(
     )  # fmt: skip
     st = make_train_state(cfg, unet_cfg, info, ck)
     exact = True
+    changes: dict[str, dict[str, Any]] = {}
     if ck is not None:
-        if ck.get("world_size") == info.world_size:
+        changes = resumable_changes(ck, cfg)
+        if not ck.get("rng"):
+            exact = False
+            if is_main:
+                print(
+                    f"warning: {resume} has no RNG state: training continues, but its timestep and noise "
+                    "draws differ from those of an uninterrupted run (not bitwise reproducible)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        elif ck.get("world_size") == info.world_size:
             batches.load_state_dict(ck["data"])
             exact = _restore_rng(ck, st)
         else:
@@ -651,16 +783,18 @@ def train(
             "the first steps take a minute or two",
             flush=True,
         )
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     log_path = out_dir / "log.jsonl"
+    if is_main:
+        # A resumed run continues the log at the checkpoint's step; a fresh one (possibly after a run that
+        # never saved a checkpoint, with --resume auto) starts it at 0.
+        rundir.truncate_log(log_path, st.step)
+        rundir.atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=1) + "\n")
     total = cfg.total_steps
     last_ckpt: Path | None = Path(resume) if resume is not None else None
     stats: _Stats | None = None
     last_log: dict[str, Any] = {}
-    stop = threading.Event()
-    restore_sigint = _install_sigint(stop)
+    stop = _StopRequest()
+    restore_signals = _install_stop_handlers(stop)
     bar = tqdm(
         total=total, initial=st.step, disable=not (is_main and cfg.progress), desc="train", dynamic_ncols=True
     )
@@ -688,6 +822,10 @@ def train(
     ck = checkpoint = None  # noqa: F841 (free the loaded tensors: the state holds its own copies now)
     if is_main and resumed:
         log({"event": "resume", "step": st.step, "from": str(resume), "exact": exact})
+        if changes:
+            log({"event": "config_change", "step": st.step, "changes": changes})
+            shown = ", ".join(f"{k} {v['from']} -> {v['to']}" for k, v in changes.items())
+            print(f"note: resuming with changed optimiser settings: {shown}", flush=True)
     start_step = st.step
     if is_main and resumed and st.step >= total:
         print(
@@ -721,7 +859,7 @@ def train(
             if info.world_size == 1:
                 interrupted = stop.is_set()
             elif at_log:
-                # Ranks see Ctrl-C at different steps: agree at log boundaries so all stop at the same step.
+                # Ranks see a signal at different steps: agree at log boundaries so all stop at the same step.
                 flag = torch.tensor([int(stop.is_set())], device=info.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 interrupted = bool(flag.item())
@@ -745,8 +883,10 @@ def train(
         if info.world_size > 1:
             log({"event": "replicas", "step": st.step, "max_abs_diff": replica_diff(st.params)})
         if interrupted and is_main:
-            log({"event": "interrupted", "step": st.step, "checkpoint": str(last_ckpt)})
+            log(
+                {"event": "interrupted", "step": st.step, "checkpoint": str(last_ckpt), "signal": stop.signal}
+            )
     finally:
         bar.close()
-        restore_sigint()
-    return TrainResult(st.step, last_ckpt, interrupted, last_log)
+        restore_signals()
+    return TrainResult(st.step, last_ckpt, interrupted, last_log, stop.signal if interrupted else None)

@@ -83,8 +83,19 @@ def test_train_sample_nll_end_to_end(tmp_path, capsys):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [2, 3, 4]
     # Changing a real setting on resume is refused with the field's name.
-    assert main(["train", "--resume", "auto", "--out-dir", str(run), "--steps", "6", "--lr", "1"]) == 2
-    assert "['lr']" in capsys.readouterr().err
+    assert main(["train", "--resume", "auto", "--out-dir", str(run), "--steps", "6", "--vlb-weight", "1"]) == 2
+    assert "['vlb_weight']" in capsys.readouterr().err
+    # The optimiser settings may change (what the NaN stop advises): applied, and recorded in the log.
+    assert main(["train", "--resume", "auto", "--out-dir", str(run), "--steps", "5", "--lr", "5e-5",
+                 "--weight-decay", "0.01", "--no-progress"]) == 0  # fmt: skip
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r for r in log if r.get("event") == "config_change"] == [
+        {"event": "config_change", "step": 4,
+         "changes": {"lr": {"from": 1e-4, "to": 5e-5}, "weight_decay": {"from": 0.0, "to": 0.01}}}
+    ]  # fmt: skip
+    assert [r["lr"] for r in log if "loss" in r] == [1e-4, 1e-4, 1e-4, 5e-5]
+    saved = torch.load(run / "latest.pt", weights_only=True)
+    assert saved["config"]["lr"] == 5e-5 and saved["opt"]["param_groups"][0]["weight_decay"] == 0.01
 
     png = tmp_path / "s.png"
     ckpt = str(run / "latest.pt")

@@ -243,8 +243,8 @@ def test_resume_continues_exactly(tmp_path):
     assert any(k.startswith("loss_q") for k in rec)
 
     # A different (non-harmless) config is refused, naming the fields.
-    with pytest.raises(ck.CheckpointError, match=r"\['lr', 'vlb_weight'\]"):
-        train(tiny_cfg(tmp_path / "b", steps=8, lr=3e-4, vlb_weight=0.01, **common), resume="auto")
+    with pytest.raises(ck.CheckpointError, match=r"\['schedule', 'vlb_weight'\]"):
+        train(tiny_cfg(tmp_path / "b", steps=8, schedule="linear", vlb_weight=0.01, **common), resume="auto")
 
     # The EMA weights load for sampling.
     model, cfg, ucfg, step = load_model(tmp_path / "b" / "latest.pt", rate=0.99)
@@ -385,8 +385,8 @@ def test_train_accepts_a_preloaded_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ck, "safe_load", lambda *a, **k: calls.append(a))
     r = train(tiny_cfg(tmp_path, steps=3), resume=tmp_path / "latest.pt", checkpoint=loaded)
     assert r.step == 3 and calls == []  # not read a second time
-    with pytest.raises(ck.CheckpointError, match=r"\['lr'\]"):  # still checked against the config
-        train(tiny_cfg(tmp_path, steps=4, lr=1.0), resume=tmp_path / "latest.pt", checkpoint=loaded)
+    with pytest.raises(ck.CheckpointError, match=r"\['vlb_weight'\]"):  # still checked against the config
+        train(tiny_cfg(tmp_path, steps=4, vlb_weight=1.0), resume=tmp_path / "latest.pt", checkpoint=loaded)
 
 
 def test_rank_seeds_are_distinct_and_stable():
