@@ -353,7 +353,8 @@ def cmd_sample(ns: argparse.Namespace) -> int:
         raise ValueError(f"--eta must be >= 0 (0 = deterministic DDIM), got {ns.eta}")
     if ns.eta != 0.0 and not ns.ddim:
         raise ValueError("--eta only applies to DDIM sampling: add --ddim (ancestral sampling has no eta)")
-    out = Path(ns.out)
+    # A folder given as --out is an error (not a grid named "folder.png").
+    out = check_output_file(Path(ns.out), "--out grid")
     if out.suffix == "":
         out = out.with_suffix(".png")
     elif out.suffix.lower() != ".png":

@@ -60,7 +60,7 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise RunDirError(f"output folder {path} exists and is a file, not a folder: choose another path")
+        raise RunDirError(f"{path} is a regular file, not a folder: choose another path")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):

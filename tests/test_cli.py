@@ -83,7 +83,8 @@ def test_train_sample_nll_end_to_end(tmp_path, capsys):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [2, 3, 4]
     # Changing a real setting on resume is refused with the field's name.
-    assert main(["train", "--resume", "auto", "--out-dir", str(run), "--steps", "6", "--vlb-weight", "1"]) == 2
+    again = ["train", "--resume", "auto", "--out-dir", str(run)]
+    assert main([*again, "--steps", "6", "--vlb-weight", "1"]) == 2
     assert "['vlb_weight']" in capsys.readouterr().err
     # The optimiser settings may change (what the NaN stop advises): applied, and recorded in the log.
     assert main(["train", "--resume", "auto", "--out-dir", str(run), "--steps", "5", "--lr", "5e-5",
