@@ -103,14 +103,14 @@ def betas_from_alpha_bar(
     Args:
         alpha_bar: a function of a python float ``u`` in [0, 1], positive on [0, 1).
         num_steps: T >= 1.
-        max_beta: the clip, in (0, 1].
+        max_beta: the clip, in (0, 1) (beta = 1 would make alpha_bar 0 and sampling NaN).
 
     Returns:
         ``(T,)`` float64 betas.
     """
     _check_num_steps(num_steps)
-    if not 0.0 < max_beta <= 1.0:
-        raise ValueError(f"max_beta must be in (0, 1], got {max_beta}")
+    if not 0.0 < max_beta < 1.0:
+        raise ValueError(f"max_beta must be in (0, 1) (the paper: 0.999), got {max_beta}")
     betas = []
     for i in range(num_steps):
         a0, a1 = float(alpha_bar(i / num_steps)), float(alpha_bar((i + 1) / num_steps))
@@ -192,7 +192,7 @@ class Schedule:
         """Derive every quantity from ``betas`` in float64.
 
         Args:
-            betas: ``(T,)`` values in (0, 1]. T = 1 is allowed (a one-step chain).
+            betas: ``(T,)`` values in (0, 1). T = 1 is allowed (a one-step chain).
             timesteps: ``(T,)`` increasing original-chain indices this chain's steps stand for (respacing);
                 defaults to ``arange(T)``.
             original_num_steps: T of the original chain; defaults to ``T`` (or ``max(timesteps) + 1``).
@@ -200,9 +200,14 @@ class Schedule:
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
         if betas.ndim != 1 or betas.numel() == 0:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
-        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
-            bad = betas[~((betas > 0) & (betas <= 1))]
-            raise ValueError(f"every beta must be in (0, 1]; got {bad[:5].tolist()}")
+        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas >= 1).any():
+            # beta = 1 makes alpha_bar 0 from there on: x_t then holds no trace of x0, the posterior and
+            # predict_x0_from_eps divide by zero, and sampling and bits/dim turn NaN.
+            bad = betas[~((betas > 0) & (betas < 1))]
+            raise ValueError(
+                f"every beta must be in (0, 1) (beta = 1 destroys x0 completely and makes sampling and "
+                f"bits/dim NaN); got {bad[:5].tolist()}"
+            )
         T = betas.numel()
         if timesteps is None:
             timesteps = torch.arange(T, dtype=torch.int64)

@@ -271,3 +271,10 @@ def test_sigterm_saves_exits_143_and_resumes_bitwise(tmp_path):
     assert torch.equal(a["sampler"]["history"], b["sampler"]["history"])
     steps = [r["step"] for r in (json.loads(x) for x in log.read_text().splitlines()) if "loss" in r]
     assert steps == list(range(1, end + 1))
+
+
+def test_ema_rate_with_no_ema_is_refused(capsys):
+    for cmd in ("sample", "nll"):
+        assert main([cmd, "missing.pt", "--no-ema", "--ema-rate", "0.9999"]) == 2
+        err = capsys.readouterr().err
+        assert "--ema-rate 0.9999 picks an EMA, but --no-ema uses the raw weights" in err, err

@@ -81,6 +81,13 @@ def batch(n=4, size=16, seed=0):
         (dict(model_overrides={"widht": 3}), "widht"),
         (dict(compile="yes"), "compile must be None"),
         (dict(compile_mode="fast"), "compile_mode='fast' is not one of"),
+        (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"),
+        (dict(lr=float("nan")), "lr must be a finite number > 0"),
+        (dict(vlb_weight=float("nan")), "vlb_weight must be a finite number >= 0, got nan"),
+        (dict(vlb_weight=float("inf")), "vlb_weight must be a finite number >= 0"),
+        (dict(vlb_weight=-1e-3), "vlb_weight must be a finite number >= 0"),
+        (dict(weight_decay=float("inf")), "weight_decay must be a finite number"),
+        (dict(image_size=0), "image_size must be a positive int"),
     ],
 )
 def test_config_errors_say_what_is_allowed(kw, match):
@@ -104,6 +111,19 @@ def test_model_config_follows_data_and_variance():
         resolve_unet_config(TrainConfig(preset="tiny", class_cond=True), 3, None)
     with pytest.raises(ValueError, match="class-conditional: set class_cond"):
         resolve_unet_config(TrainConfig(preset="mnist-cond"), 1, 10)
+    # Overrides of what the data decides are refused instead of failing (or silently winning) later.
+    with pytest.raises(
+        ValueError, match=r"in_channels=3 contradicts the data: dataset 'digits8' has 1 channel"
+    ):
+        resolve_unet_config(
+            TrainConfig(preset="tiny", dataset="digits8", model_overrides={"in_channels": 3}), 1, 10
+        )
+    with pytest.raises(ValueError, match="learn_sigma=False contradicts the data: var_type='learned_range'"):
+        resolve_unet_config(TrainConfig(preset="tiny", model_overrides={"learn_sigma": False}), 1, 10)
+    assert (
+        resolve_unet_config(TrainConfig(preset="tiny", model_overrides={"in_channels": 1}), 1, 10).in_channels
+        == 1
+    )
 
 
 def test_total_steps_and_lr_anneal():
