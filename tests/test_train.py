@@ -423,3 +423,36 @@ def test_rank_seeds_are_distinct_and_stable():
     assert st0.gen_t.initial_seed() == rank_seed(0, 0, "t") != st1.gen_t.initial_seed()
     with pytest.raises(ValueError, match="purpose"):
         rank_seed(0, 0, "data")
+
+
+@pytest.mark.parametrize(
+    ("key", "what"),
+    [("model", "the model weights"), ("ema", "the EMA weights"), ("opt", "the optimizer state"),
+     ("data", "the data order"), ("sampler", "the timestep sampler state"), ("step", "the step count")],
+)  # fmt: skip
+def test_a_checkpoint_missing_a_part_is_named(tmp_path, key, what):
+    train(tiny_cfg(tmp_path, steps=1))
+    saved = ck.safe_load(tmp_path / "latest.pt")
+    del saved[key]
+    cut = tmp_path / "cut.pt"
+    ck.atomic_save(saved, cut)
+    with pytest.raises(
+        ck.CheckpointError, match=rf"cut\.pt cannot be resumed: it is missing '{key}' \({what}\)"
+    ):
+        train(tiny_cfg(tmp_path, steps=2), resume=cut)
+    if key in ("model", "ema", "step"):
+        with pytest.raises(ck.CheckpointError, match=rf"cannot be loaded: it is missing '{key}'"):
+            load_model(cut, use_ema=key != "model")
+
+
+def test_a_checkpoint_without_rng_resumes_with_a_warning(tmp_path, capsys):
+    train(tiny_cfg(tmp_path, steps=1))
+    saved = ck.safe_load(tmp_path / "latest.pt")
+    del saved["rng"]
+    ck.atomic_save(saved, tmp_path / "latest.pt")
+    capsys.readouterr()
+    r = train(tiny_cfg(tmp_path, steps=2), resume="auto")
+    assert r.step == 2
+    assert "has no RNG state" in capsys.readouterr().err
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["exact"] for r in log if r.get("event") == "resume"] == [False]
