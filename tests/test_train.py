@@ -1,10 +1,7 @@
 """Training loop: config validation, exact microbatching, numerics of the fast path, overfitting, exact
-resume, NaN handling, Ctrl-C, config mismatch, and a two-process DDP run."""
+resume, NaN handling, Ctrl-C, config mismatch (torchrun runs: test_distributed.py)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -314,29 +311,6 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path):
     assert ck.safe_load(tmp_path / "latest.pt")["step"] == 2
     r = train(cfg, resume="auto")
     assert not r.interrupted and r.step == 4
-
-
-@pytest.mark.slow
-def test_two_process_ddp_keeps_replicas_identical(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "iddpm", "train", "--preset", "tiny", "--dataset", "digits8", "--diffusion-steps", "20",
-        "--batch-size", "8", "--microbatch", "2", "--steps", "3", "--log-every", "1", "--save-every", "0",
-        "--sample-every", "0", "--out-dir", str(tmp_path), "--no-progress", "--device", "cpu",
-        "--schedule-sampler", "loss-second-moment",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    replicas = [r for r in log if r.get("event") == "replicas"]
-    assert replicas and replicas[0]["max_abs_diff"] == 0.0
-    saved = ck.safe_load(tmp_path / "latest.pt")
-    assert saved["world_size"] == 2 and saved["step"] == 3 and len(saved["rng"]) == 2
-    # Each rank drew its own timesteps (otherwise the two replicas would train on the same t and noise).
-    assert not torch.equal(saved["rng"][0]["generators"]["t"], saved["rng"][1]["generators"]["t"])
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
-    assert proc.stdout.count("done: step 3") == 1  # only rank 0 reports
 
 
 def test_grad_scaler_branch_takes_the_same_step(tmp_path):
