@@ -103,14 +103,15 @@ def betas_from_alpha_bar(
     Args:
         alpha_bar: a function of a python float ``u`` in [0, 1], positive on [0, 1).
         num_steps: T >= 1.
-        max_beta: the clip, in (0, 1) (beta = 1 would make alpha_bar 0 and sampling NaN).
+        max_beta: the clip, in (0, 1]; 1 leaves the betas unclipped (for a figure: a :class:`Schedule`
+            refuses beta = 1).
 
     Returns:
         ``(T,)`` float64 betas.
     """
     _check_num_steps(num_steps)
-    if not 0.0 < max_beta < 1.0:
-        raise ValueError(f"max_beta must be in (0, 1) (the paper: 0.999), got {max_beta}")
+    if not 0.0 < max_beta <= 1.0:
+        raise ValueError(f"max_beta must be in (0, 1], got {max_beta}")
     betas = []
     for i in range(num_steps):
         a0, a1 = float(alpha_bar(i / num_steps)), float(alpha_bar((i + 1) / num_steps))
@@ -131,6 +132,11 @@ def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> T
     """
     if s < 0:
         raise ValueError(f"the cosine offset s must be >= 0, got {s}")
+    if not 0.0 < max_beta < 1.0:
+        raise ValueError(
+            f"max_beta must be in (0, 1) (the paper: 0.999); got {max_beta}. The unclipped last beta is 1, "
+            "which makes alpha_bar 0 and sampling and bits/dim NaN"
+        )
     return betas_from_alpha_bar(lambda u: float(cosine_alpha_bar(u, s)), num_steps, max_beta)
 
 
