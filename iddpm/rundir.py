@@ -247,8 +247,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 def truncate_log(log_path: str | os.PathLike, step: int) -> int:
     """Drop the records of ``log.jsonl`` whose ``"step"`` is past ``step`` (the resumed checkpoint's).
 
-    Records without a step, and unreadable lines (e.g. half a line from a crash), are kept only if they come
-    before the first dropped record. Returns how many lines were dropped.
+    Records without an integer ``"step"`` are kept; unreadable lines (half a line from a crash) are dropped.
+    Returns how many lines were dropped.
     """
     log_path = Path(log_path)
     if not log_path.is_file():
