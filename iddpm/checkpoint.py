@@ -15,9 +15,11 @@ a copy otherwise).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -55,20 +57,52 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        clear = _write_error(path, e)
+        if clear is None:
+            raise
+        raise clear from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # BaseException: a KeyboardInterrupt mid-write must not leave a stray temp file either.
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        clear = _write_error(path, e) if isinstance(e, OSError | RuntimeError) else None
+        if clear is not None:
+            raise clear from e
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _write_error(path: Path, e: BaseException) -> CheckpointError | None:
+    """A clear :class:`CheckpointError` for a write that failed for lack of space, else None.
+
+    ``torch.save`` reports a full disk either as ``OSError(ENOSPC)`` or, from its zip writer, as a
+    ``RuntimeError`` mentioning ``inline_container.cc`` / "file write failed".
+    """
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, RuntimeError):
+        text = str(e)
+        full = any(s in text for s in ("inline_container", "file write failed", "PytorchStreamWriter"))
+    if not full:
+        return None
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return CheckpointError(
+        f"could not write {path}: no space left on the disk of {path.parent} ({free}; the checkpoint needs "
+        "about the size of the last one). Free some space (e.g. delete old ckpt_*.pt, or lower --keep-last) "
+        "and resume with --resume auto; the previous checkpoint is intact"
+    )
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
@@ -169,13 +203,19 @@ def save_train_checkpoint(
 ) -> Path:
     """Write ``ckpt_{step:07d}.pt`` atomically, then point ``latest.pt`` at it (atomically too).
 
-    ``keep_last > 0`` then deletes all but the newest ``keep_last`` ``ckpt_*.pt`` files (0 keeps all).
-    Deletion happens only after the new checkpoint and ``latest.pt`` are durably in place, and never touches
-    ``latest.pt`` or the file it points to.
+    ``keep_last > 0`` keeps only the newest ``keep_last`` ``ckpt_*.pt`` files (0 keeps all): the oldest are
+    deleted *before* the write, down to ``keep_last - 1``, so the disk needs no room for one checkpoint more
+    than ``keep_last``. Pruning never touches ``latest.pt`` or the file it points to (the last good
+    checkpoint), so a failed write still leaves a checkpoint to resume from.
     """
     if not isinstance(keep_last, int) or keep_last < 0:
         raise ValueError(f"keep_last must be an int >= 0 (0 = keep all), got {keep_last!r}")
     out_dir = Path(out_dir)
+    if keep_last:
+        # Make room first, so the disk never holds more than keep_last checkpoints (the new one's temporary
+        # file included); the checkpoint latest.pt points to survives until the new one is in place, so
+        # keep_last=1 still needs room for two.
+        prune_checkpoints(out_dir, keep_last - 1)
     path = atomic_save(state, checkpoint_path(out_dir, step))
     latest = out_dir / LATEST
     fd, tmp = tempfile.mkstemp(prefix=f".{LATEST}.", suffix=".tmp", dir=out_dir)

@@ -274,18 +274,22 @@ def cmd_train(ns: argparse.Namespace) -> int:
             if not isinstance(base, dict):
                 raise CheckpointError(f"{path} is not an iddpm training checkpoint (no config)")
             resume = path
-        else:
-            resume = None  # auto with nothing to resume: a fresh run
+        # else: auto with nothing to resume; train() starts fresh (and refuses checkpoints without latest.pt)
     cfg = config_from_args(ns, base)
     try:
         result = train(cfg, resume=resume, checkpoint=loaded.pop("checkpoint", None))
     finally:
         cleanup_distributed()
+    # The shell convention for a run stopped by a signal: 128 + its number (130 for Ctrl-C, 143 for SIGTERM).
+    code = 143 if result.signal == "SIGTERM" else 130
     if int(os.environ.get("RANK", "0")) != 0:
-        return 130 if result.interrupted else 0
+        return code if result.interrupted else 0
     if result.interrupted:
-        print(f"interrupted at step {result.step}; saved {result.checkpoint} (continue with --resume auto)")
-        return 130  # the shell convention for a run stopped by Ctrl-C (128 + SIGINT)
+        why = f" ({result.signal})" if result.signal else ""
+        print(
+            f"interrupted at step {result.step}{why}; saved {result.checkpoint} (continue with --resume auto)"
+        )
+        return code
     print(f"done: step {result.step}, checkpoint {result.checkpoint}")
     return 0
 
@@ -325,6 +329,13 @@ def _warn_if_ema_cold(cfg: Any, rate: float | None, step: int) -> float:
     return share
 
 
+def _check_ema_flags(ns: argparse.Namespace) -> None:
+    if not ns.use_ema and ns.ema_rate is not None:
+        raise ValueError(
+            f"--ema-rate {ns.ema_rate} picks an EMA, but --no-ema uses the raw weights: give one of the two"
+        )
+
+
 def cmd_sample(ns: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -333,6 +344,7 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     from .data import save_png, to_uint8
     from .precision import autocast, resolve_precision
     from .respace import respace, space_timesteps
+    from .rundir import check_output_file
     from .runtime import compile_model
     from .sampling import _check_eta, sample
     from .schedules import Schedule
@@ -345,7 +357,8 @@ def cmd_sample(ns: argparse.Namespace) -> int:
         raise ValueError(f"--eta must be >= 0 (0 = deterministic DDIM), got {ns.eta}")
     if ns.eta != 0.0 and not ns.ddim:
         raise ValueError("--eta only applies to DDIM sampling: add --ddim (ancestral sampling has no eta)")
-    out = Path(ns.out)
+    # A folder given as --out is an error (not a grid named "folder.png").
+    out = check_output_file(Path(ns.out), "--out grid")
     if out.suffix == "":
         out = out.with_suffix(".png")
     elif out.suffix.lower() != ".png":
@@ -353,6 +366,9 @@ def cmd_sample(ns: argparse.Namespace) -> int:
             f"--out {ns.out!r}: the grid is written as PNG, so the name must end in .png "
             f"(e.g. {str(out.with_suffix('.png'))!r}); the .npz goes next to it"
         )
+    _check_ema_flags(ns)
+    check_output_file(out, "--out grid")
+    check_output_file(out.with_suffix(".npz"), "--out arrays")
     device = _device(ns.device)
     model, cfg, ucfg, step = load_model(ns.checkpoint, use_ema=ns.use_ema, rate=ns.ema_rate, device=device)
     if ns.use_ema:
@@ -411,11 +427,15 @@ def cmd_nll(ns: argparse.Namespace) -> int:
     from .data import load_dataset, to_model_range
     from .evaluate import bits_per_dim
     from .respace import respace, space_timesteps
+    from .rundir import check_output_file
     from .schedules import Schedule
     from .train import load_model
 
     if ns.num < 1 or ns.batch < 1:
         raise ValueError("--num and --batch must be >= 1")
+    _check_ema_flags(ns)
+    path = Path(ns.json) if ns.json else Path(ns.checkpoint).with_suffix(".nll.json")
+    check_output_file(path, "--json file")
     device = _device(ns.device)
     model, cfg, ucfg, step = load_model(ns.checkpoint, use_ema=ns.use_ema, rate=ns.ema_rate, device=device)
     split = ns.split
@@ -451,7 +471,6 @@ def cmd_nll(ns: argparse.Namespace) -> int:
         "prior_bpd": prior.mean().item(), "terms_bpd": term.mean(0).tolist(),
         "timesteps": s.timesteps.tolist(),
     }  # fmt: skip
-    path = Path(ns.json) if ns.json else Path(ns.checkpoint).with_suffix(".nll.json")
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(
         f"bits/dim {result['bpd']:.4f} (prior {result['prior_bpd']:.4f}) over {n} {split} images, "
@@ -482,8 +501,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_from_args(ns)
     except (ValueError, CheckpointError, FileNotFoundError) as e:
-        # User errors (bad values, unknown names, unusable checkpoints): a one-line message, not a traceback.
+        # User errors (bad values, unknown names, unusable checkpoints or output folders): a one-line
+        # message, not a traceback.
         print(f"iddpm {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (PermissionError, NotADirectoryError, IsADirectoryError) as e:
+        # An output path that cannot be written, found late (the early checks cover the usual cases).
+        print(f"iddpm {ns.command}: error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"iddpm {ns.command}: error: {e}", file=sys.stderr)

@@ -68,9 +68,8 @@ ToyName = Literal["moons", "rings", "circles", "gaussians8", "checkerboard", "sw
 TOY_NAMES: tuple[str, ...] = ("moons", "rings", "circles", "gaussians8", "checkerboard", "swissroll")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".gif")  # the authors' list
 SplitName = Literal["train", "test", "all"]
-SPLIT_SEED = (
-    20210218  # the paper's arXiv date; fixed forever: changing it would leak test digits into training
-)
+# The paper's arXiv date; fixed forever: changing it would leak test digits into training.
+SPLIT_SEED = 20210218
 TEST_FRACTION = 1 / 6
 BUNDLED = ("mnist5k", "digits8")  # the offline sets whose held-out split is made by split_indices
 
@@ -407,6 +406,17 @@ def _center_crop_resize(img: Any, size: int) -> np.ndarray:
     return arr[top : top + size, left : left + size]
 
 
+def _to_rgb8(img: Any) -> Any:
+    """A Pillow image as 8-bit RGB. 16-bit grey images (modes ``I;16*``/``I``) are scaled by 255 / 65535;
+    Pillow's own ``convert`` clips them at 255, which turns almost every pixel white."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def _load_folder(root: Path, image_size: int | None) -> ImageDataset:
     try:
         from PIL import Image
@@ -419,9 +429,15 @@ def _load_folder(root: Path, image_size: int | None) -> ImageDataset:
         raise DatasetUnavailableError(f"no {IMAGE_EXTENSIONS} images found under {root}")
     arrays = []
     for p in files:
-        with Image.open(p) as img:
-            rgb = img.convert("RGB")  # as the authors: every image becomes 3-channel
-            arrays.append(np.asarray(rgb) if image_size is None else _center_crop_resize(rgb, image_size))
+        try:
+            with Image.open(p) as img:
+                rgb = _to_rgb8(img)  # as the authors: every image becomes 3-channel
+                arrays.append(np.asarray(rgb) if image_size is None else _center_crop_resize(rgb, image_size))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(
+                f"cannot read the image {p} ({type(e).__name__}: {e}): it is corrupt, truncated or not an "
+                f"image. Remove it from {root} (or repair it) and try again"
+            ) from None
     sizes = sorted({a.shape for a in arrays})
     if len(sizes) > 1:
         raise ValueError(f"images under {root} have different sizes {sizes[:4]}...; pass image_size=...")

@@ -39,6 +39,7 @@ __all__ = [
     "q_mean_variance",
     "q_posterior",
     "q_sample",
+    "check_data_range",
     "split_model_output",
 ]
 
@@ -123,22 +124,36 @@ def q_mean_variance(s: Schedule, x0: Tensor, t: Tensor) -> Gaussian:
     return Gaussian(mean, extract(1.0 - s.alpha_bar, t, x0), extract(s.log_one_minus_alpha_bar, t, x0))
 
 
-def q_sample(s: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+def q_sample(
+    s: Schedule,
+    x0: Tensor,
+    t: Tensor,
+    noise: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Draw ``x_t ~ q(x_t | x_0)`` by reparameterisation: ``sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``.
 
-    The noise is a required argument so that this function has no hidden randomness (draw it with
-    ``torch.randn_like(x0)`` or ``torch.randn(..., generator=g)``).
+    Pass the noise to make the draw explicit (as the tests and the book do); without it, ``eps`` is drawn
+    with ``torch.randn`` from ``generator`` (the global RNG if None), like the authors' ``randn_like``.
 
     Args:
         s: the schedule.
         x0: ``(B, C, ...)`` clean data.
         t: ``(B,)`` int64 in ``[0, T)``; ``t = 0`` already adds one step of noise.
-        noise: ``eps ~ N(0, I)`` of ``x0``'s shape.
+        noise: ``eps ~ N(0, I)`` of ``x0``'s shape, or None to draw it.
+        generator: the RNG for a drawn ``eps`` (only without ``noise``).
 
     Returns:
         ``x_t`` of ``x0``'s shape and dtype.
     """
     _check_x_t(s, x0, t, "x0")
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    elif generator is not None:
+        raise ValueError("give either noise or generator, not both (the generator would be unused)")
+    if not isinstance(noise, Tensor):
+        raise TypeError(f"noise must be a tensor of x0's shape {tuple(x0.shape)}, got {type(noise).__name__}")
     _check_same_shape(x0, noise, "x0", "noise")
     return extract(s.sqrt_alpha_bar, t, x0) * x0 + extract(s.sqrt_one_minus_alpha_bar, t, x0) * noise
 
@@ -224,22 +239,55 @@ def model_out_channels(channels: int, var_type: str) -> int:
     return 2 * channels if var_type in LEARNED_VAR_TYPES else channels
 
 
-def split_model_output(out: Tensor, channels: int, var_type: str) -> tuple[Tensor, Tensor | None]:
+def check_data_range(x0: Tensor, name: str = "x0", tol: float = 1e-5) -> None:
+    """Raise unless ``x0`` holds finite data in ``[-1, 1]`` (the range every loss and bound assumes).
+
+    On an accelerator the check is an asynchronous device assert (no host sync, as :meth:`Schedule.check_t`).
+    """
+    if not x0.numel():
+        return
+    ok = (x0.abs() <= 1.0 + tol).all()
+    hint = "images as uint8 / 127.5 - 1 (iddpm.data.to_model_range)"
+    if x0.device.type != "cpu":
+        torch._assert_async(ok, f"{name} must be data scaled to [-1, 1]: {hint}")
+        return
+    if not bool(ok):
+        lo, hi = float(x0.min()), float(x0.max())
+        raise ValueError(f"{name} must be data scaled to [-1, 1] ({hint}); got values in [{lo:g}, {hi:g}]")
+
+
+def split_model_output(
+    out: Tensor, channels: int, var_type: str, like: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """Split the network output into its mean part and (for learned variances) its variance part ``v``.
 
     Args:
         out: ``(B, C_out, ...)`` with ``C_out = model_out_channels(channels, var_type)``.
         channels: C, the data's channel count.
         var_type: one of :data:`VAR_TYPES`.
+        like: the model's input ``(B, C, ...)``, if given: ``out`` must match its batch and spatial sizes.
 
     Returns:
         ``(mean_part (B, C, ...), v (B, C, ...))`` for learned variances, ``(out, None)`` otherwise.
     """
     expected = model_out_channels(channels, var_type)
+    if not isinstance(out, Tensor):
+        kind = f"a {type(out).__name__}" + (f" of {len(out)}" if isinstance(out, tuple | list) else "")
+        raise TypeError(
+            f"the model must return one tensor of shape (B, {expected}, ...) (var_type={var_type!r}, "
+            f"C={channels}); it returned {kind}. Wrap it to return just the prediction (e.g. out[0], or "
+            "out.sample for a diffusers model)"
+        )
     if out.ndim < 2 or out.shape[1] != expected:
         raise ValueError(
             f"with var_type={var_type!r} and C={channels} data channels the model must output {expected} "
             f"channels (shape (B, {expected}, ...)); got shape {tuple(out.shape)}"
+        )
+    if like is not None and (out.shape[0] != like.shape[0] or out.shape[2:] != like.shape[2:]):
+        want = (like.shape[0], expected, *like.shape[2:])
+        raise ValueError(
+            f"the model output has shape {tuple(out.shape)}, but for an input of shape {tuple(like.shape)} "
+            f"it must be {want} (same batch and spatial size; {expected} channels for var_type={var_type!r})"
         )
     if var_type in LEARNED_VAR_TYPES:
         mean_part, v = out.chunk(2, dim=1)
@@ -326,7 +374,7 @@ def p_mean_variance(
     _check_x_t(s, x_t, t)
     if x_t.ndim < 2:
         raise ValueError(f"x_t must have shape (B, C, ...), got {tuple(x_t.shape)}")
-    mean_part, v = split_model_output(model_out, x_t.shape[1], var_type)
+    mean_part, v = split_model_output(model_out, x_t.shape[1], var_type, like=x_t)
     _check_same_shape(mean_part, x_t, "the mean part of model_out", "x_t")
 
     var, log_var = _variance(s, v, x_t, t, var_type)

@@ -14,6 +14,7 @@ from torch import Tensor
 from .diffusion import (
     MeanType,
     VarType,
+    check_data_range,
     check_mean_type,
     check_var_type,
     p_mean_variance,
@@ -91,6 +92,7 @@ def bits_per_dim(
         raise ValueError("give at most one of generator and noise_fn")
     if not isinstance(x0, Tensor) or x0.ndim < 2 or not x0.dtype.is_floating_point:
         raise ValueError(f"x0 must be a floating (B, C, ...) tensor, got {getattr(x0, 'shape', type(x0))}")
+    check_data_range(x0)
     batch, num_steps = x0.shape[0], s.num_steps
     terms = torch.zeros(batch, num_steps, dtype=x0.dtype, device=x0.device)
     x0_mse = torch.zeros_like(terms)

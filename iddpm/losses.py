@@ -29,6 +29,7 @@ from .diffusion import (
     MeanType,
     PMeanVar,
     VarType,
+    check_data_range,
     check_mean_type,
     check_var_type,
     p_mean_variance,
@@ -249,6 +250,7 @@ def training_losses(
             f"x0 must have shape (B, C, ...) with B = len(t) = {t.shape[0]}; "
             f"got x0 of shape {tuple(x0.shape)}"
         )
+    check_data_range(x0)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     elif generator is not None:
@@ -258,7 +260,7 @@ def training_losses(
 
     x_t = q_sample(s, x0, t, noise)
     out = model(x_t, s.model_timesteps(t, rescale_timesteps), **(model_kwargs or {}))
-    mean_part, v = split_model_output(out, x0.shape[1], var_type)
+    mean_part, v = split_model_output(out, x0.shape[1], var_type, like=x0)
     num_steps = s.num_steps
     terms: dict[str, Tensor] = {}
 

@@ -103,7 +103,8 @@ def betas_from_alpha_bar(
     Args:
         alpha_bar: a function of a python float ``u`` in [0, 1], positive on [0, 1).
         num_steps: T >= 1.
-        max_beta: the clip, in (0, 1].
+        max_beta: the clip, in (0, 1]; 1 leaves the betas unclipped (for a figure: a :class:`Schedule`
+            refuses beta = 1).
 
     Returns:
         ``(T,)`` float64 betas.
@@ -131,6 +132,11 @@ def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> T
     """
     if s < 0:
         raise ValueError(f"the cosine offset s must be >= 0, got {s}")
+    if not 0.0 < max_beta < 1.0:
+        raise ValueError(
+            f"max_beta must be in (0, 1) (the paper: 0.999); got {max_beta}. The unclipped last beta is 1, "
+            "which makes alpha_bar 0 and sampling and bits/dim NaN"
+        )
     return betas_from_alpha_bar(lambda u: float(cosine_alpha_bar(u, s)), num_steps, max_beta)
 
 
@@ -192,7 +198,7 @@ class Schedule:
         """Derive every quantity from ``betas`` in float64.
 
         Args:
-            betas: ``(T,)`` values in (0, 1]. T = 1 is allowed (a one-step chain).
+            betas: ``(T,)`` values in (0, 1). T = 1 is allowed (a one-step chain).
             timesteps: ``(T,)`` increasing original-chain indices this chain's steps stand for (respacing);
                 defaults to ``arange(T)``.
             original_num_steps: T of the original chain; defaults to ``T`` (or ``max(timesteps) + 1``).
@@ -200,9 +206,14 @@ class Schedule:
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
         if betas.ndim != 1 or betas.numel() == 0:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
-        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
-            bad = betas[~((betas > 0) & (betas <= 1))]
-            raise ValueError(f"every beta must be in (0, 1]; got {bad[:5].tolist()}")
+        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas >= 1).any():
+            # beta = 1 makes alpha_bar 0 from there on: x_t then holds no trace of x0, the posterior and
+            # predict_x0_from_eps divide by zero, and sampling and bits/dim turn NaN.
+            bad = betas[~((betas > 0) & (betas < 1))]
+            raise ValueError(
+                f"every beta must be in (0, 1) (beta = 1 destroys x0 completely and makes sampling and "
+                f"bits/dim NaN); got {bad[:5].tolist()}"
+            )
         T = betas.numel()
         if timesteps is None:
             timesteps = torch.arange(T, dtype=torch.int64)

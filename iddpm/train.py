@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,22 +53,46 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
-from .ema import check_rate, copy_buffers, ema_decay, ema_update, make_ema
+from . import rundir
+from .config import (
+    _LEARNED,
+    HARMLESS_FIELDS,
+    RESUMABLE_FIELDS,
+    TrainConfig,
+    _upgrade_config,
+    config_from_checkpoint,
+    default_respacing,
+)
+from .distributed import (
+    DistInfo,
+    all_finite,
+    broadcast_from_main,
+    cleanup_distributed,
+    gather,
+    is_dist,
+    replica_diff,
+    setup_distributed,
+)
+from .ema import copy_buffers, ema_decay, ema_update, make_ema
 from .losses import training_losses
 from .precision import PrecisionPolicy, autocast, make_scaler, resolve_precision
 from .resample import UniformSampler, make_sampler
-from .runtime import COMPILE_MODES, compile_model, resolve_compile
+from .runtime import compile_model, resolve_compile
 from .schedules import Schedule
-from .unet import PRESETS, UNet, UNetConfig
+from .unet import UNet, UNetConfig
 
 __all__ = [
     "HARMLESS_FIELDS",
+    "RESUMABLE_FIELDS",
     "DistInfo",
     "NonFiniteLossError",
     "StepOutput",
     "TrainConfig",
     "TrainResult",
     "TrainState",
+    "cleanup_distributed",
+    "config_from_checkpoint",
+    "default_respacing",
     "load_model",
     "lr_at",
     "make_train_state",
@@ -75,196 +100,6 @@ __all__ = [
     "train",
     "train_step",
 ]
-
-_VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
-_LEARNED = ("learned", "learned_range")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run (saved in every checkpoint with ``asdict``).
-
-    The defaults are the paper's CIFAR-10 L_hybrid run (spec §15) except ``steps``. Fields in
-    :data:`HARMLESS_FIELDS` may change when resuming; any other difference refuses the checkpoint.
-
-    Attributes:
-        preset: a :data:`iddpm.unet.PRESETS` name; ``model_overrides`` replaces fields of it.
-            ``in_channels`` comes from the dataset, ``learn_sigma`` from ``var_type``, ``num_classes`` from
-            ``class_cond``, and ``image_size`` from the field below (else the preset's).
-        dataset, data_root, download: what :func:`iddpm.data.load_dataset` gets.
-        image_size: training resolution (the dataset is fitted to it); None = the preset's.
-        schedule, diffusion_steps: noise schedule ``"cosine"``/``"linear"`` and T.
-        loss_type, mean_type, var_type, rescale_timesteps, vlb_weight: see
-            :func:`iddpm.losses.training_losses`.
-        schedule_sampler: ``"uniform"`` or ``"loss-second-moment"`` (importance sampling of t, paper §3.3).
-        lr, weight_decay: AdamW (no warm-up, no clipping, as the authors).
-        batch_size: GLOBAL batch, split evenly over the ranks. microbatch: per-rank chunk (-1 = none).
-        ema_rates: EMA decays kept (each a full model copy).
-        ema_warmup: update ``n`` uses ``min(rate, (1 + n) / (10 + n))`` (:func:`iddpm.ema.ema_decay`), so the
-            EMA of a short run is not mostly its random initialisation. Off for the paper's runs (the authors'
-            plain EMA); the CPU demos and experiments turn it on.
-        steps: stop after this many optimiser steps (0 = run until ``lr_anneal_steps``).
-        lr_anneal_steps: if > 0, the lr falls linearly to 0 at this step and training stops there.
-        log_every, save_every, sample_every: intervals in steps (0: save/sample only at the end).
-        sample_num, sample_respacing: the grid written every ``sample_every`` steps (EMA model, fast sampler).
-            ``sample_respacing`` is a :func:`iddpm.respace.space_timesteps` spec; None (the default) = at most
-            100 steps, i.e. ``str(min(100, diffusion_steps))``; ``""`` = all T steps.
-        out_dir: where ``log.jsonl``, ``config.json``, checkpoints and sample grids go.
-        keep_last: keep only the newest ``keep_last`` ``ckpt_*.pt`` files (0 = keep all; ``latest.pt`` and the
-            checkpoint it points to are always kept; old ones are deleted only after the new one is written).
-        seed: model init, data order, t and noise draws.
-        precision: ``"auto"|"fp32"|"bf16"|"fp16"`` (see :mod:`iddpm.precision`).
-        channels_last: None = on for CUDA only.
-        compile: ``torch.compile`` the training model; None (default) = automatic, i.e. on for a single CUDA
-            process with Triton and runs of >= ``AUTO_COMPILE_MIN_STEPS`` (2,000) steps
-            (:func:`iddpm.runtime.choose_compile`).
-        compile_mode: ``torch.compile`` mode (:data:`iddpm.runtime.COMPILE_MODES`). The default
-            ``"reduce-overhead"`` replays the forward and the backward as CUDA graphs: 3,594 vs 2,192 img/s
-            for plain ``"default"`` on the CIFAR-10 model (H200, docs/PERFORMANCE.md), whose compiled step is
-            otherwise bound by Python/launch overhead. Under DDP it falls back to ``"default"``.
-        class_cond: condition on the dataset's labels. flip: random horizontal flips (the authors: none).
-        device: ``"auto"`` (cuda > mps > cpu; ``cuda:LOCAL_RANK`` under torchrun) or a torch device string.
-        progress: show a tqdm progress bar (rank 0).
-    """
-
-    preset: str = "cifar10"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "cifar10"
-    data_root: str | None = None
-    download: bool = False
-    image_size: int | None = None
-    schedule: str = "cosine"
-    diffusion_steps: int = 4000
-    loss_type: str = "hybrid"
-    mean_type: str = "eps"
-    var_type: str = "learned_range"
-    rescale_timesteps: bool = True
-    vlb_weight: float = 1e-3
-    schedule_sampler: str = "uniform"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    microbatch: int = -1
-    ema_rates: tuple[float, ...] = (0.9999,)
-    ema_warmup: bool = False
-    steps: int = 500_000
-    lr_anneal_steps: int = 0
-    log_every: int = 100
-    save_every: int = 10_000
-    sample_every: int = 10_000
-    sample_num: int = 64
-    sample_respacing: str | None = None
-    out_dir: str = "runs/iddpm"
-    keep_last: int = 3
-    seed: int = 0
-    precision: str = "auto"
-    channels_last: bool | None = None
-    compile: bool | None = None
-    compile_mode: str = "reduce-overhead"
-    class_cond: bool = False
-    flip: bool = False
-    device: str = "auto"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        from .data import DATASET_NAMES  # local: data imports numpy-heavy readers lazily anyway
-
-        if self.dataset not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {DATASET_NAMES}")
-        choices = {
-            "schedule": ("cosine", "linear"),
-            "loss_type": ("simple", "hybrid", "vlb"),
-            "mean_type": ("eps", "x0", "xprev"),
-            "var_type": _VAR_TYPES,
-            "schedule_sampler": ("uniform", "loss-second-moment"),
-            "precision": ("auto", "fp32", "bf16", "fp16"),
-            "compile_mode": COMPILE_MODES,
-        }
-        if self.compile not in (None, True, False):
-            raise ValueError(f"compile must be None (auto), True or False, got {self.compile!r}")
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
-        if self.loss_type == "hybrid" and self.var_type not in _LEARNED:
-            raise ValueError(
-                "loss_type='hybrid' trains a learned variance: use var_type 'learned_range' or 'learned'"
-            )
-        if self.loss_type == "simple" and self.var_type in _LEARNED:
-            raise ValueError(
-                "loss_type='simple' leaves a learned variance untrained: use 'hybrid', or a fixed var_type"
-            )
-        for name in ("diffusion_steps", "batch_size", "log_every", "sample_num"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("steps", "lr_anneal_steps", "save_every", "sample_every", "seed", "keep_last"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
-        if self.sample_respacing is not None:
-            from .respace import space_timesteps
-
-            if not isinstance(self.sample_respacing, str):
-                raise ValueError(f"sample_respacing must be a string or None, got {self.sample_respacing!r}")
-            if self.sample_respacing:
-                try:
-                    space_timesteps(self.diffusion_steps, self.sample_respacing)
-                except ValueError as e:
-                    raise ValueError(
-                        f"sample_respacing={self.sample_respacing!r} does not fit diffusion_steps="
-                        f"{self.diffusion_steps}: {e}. Use e.g. {str(min(100, self.diffusion_steps))!r}, "
-                        "'' for all steps, or leave it unset (at most 100 steps)"
-                    ) from None
-        if self.steps == 0 and self.lr_anneal_steps == 0:
-            raise ValueError("set steps > 0 and/or lr_anneal_steps > 0: training must have an end")
-        if self.microbatch == 0 or self.microbatch < -1:
-            raise ValueError(f"microbatch must be -1 (off) or a positive int, got {self.microbatch}")
-        if not self.lr > 0 or self.weight_decay < 0 or self.vlb_weight < 0:
-            raise ValueError("need lr > 0, weight_decay >= 0 and vlb_weight >= 0")
-        if not self.ema_rates:
-            raise ValueError("ema_rates needs at least one rate, e.g. (0.9999,)")
-        object.__setattr__(self, "ema_rates", tuple(check_rate(r) for r in self.ema_rates))
-        if len(set(self.ema_rates)) != len(self.ema_rates):
-            raise ValueError(f"ema_rates has duplicates: {self.ema_rates}")
-        if not isinstance(self.model_overrides, dict):
-            raise TypeError(
-                f"model_overrides must be a dict of UNetConfig fields, got {self.model_overrides!r}"
-            )
-        object.__setattr__(self, "model_overrides", dict(self.model_overrides))
-        unet_fields = {f.name for f in dataclasses.fields(UNetConfig)}
-        bad = sorted(set(self.model_overrides) - unet_fields)
-        if bad:
-            raise ValueError(
-                f"model_overrides has unknown UNetConfig field(s) {bad}; fields: {sorted(unet_fields)}"
-            )
-
-    @property
-    def sample_spacing(self) -> str:
-        """The respacing the sample grids use: ``sample_respacing``, or ``str(min(100, T))`` when None."""
-        return (
-            default_respacing(self.diffusion_steps)
-            if self.sample_respacing is None
-            else self.sample_respacing
-        )
-
-    @property
-    def total_steps(self) -> int:
-        """Where training stops: the smaller of the positive ``steps`` and ``lr_anneal_steps``."""
-        return min(s for s in (self.steps, self.lr_anneal_steps) if s > 0)
-
-
-def default_respacing(diffusion_steps: int) -> str:
-    """The default sampling respacing: at most 100 steps, ``str(min(100, diffusion_steps))``."""
-    return str(min(100, diffusion_steps))
-
-
-# Fields that may differ between a checkpoint and the resuming run (they change where/how often things are
-# written, or only the speed/numerics policy, not the run being continued). Anything else is refused by name.
-HARMLESS_FIELDS: frozenset[str] = frozenset(
-    {"steps", "out_dir", "log_every", "save_every", "sample_every", "sample_num", "sample_respacing",
-     "keep_last", "progress", "compile", "compile_mode", "precision", "channels_last", "device", "data_root",
-     "download"}
-)  # fmt: skip
 
 
 class NonFiniteLossError(RuntimeError):
@@ -277,43 +112,6 @@ class NonFiniteLossError(RuntimeError):
             "Try a lower lr, precision='fp32', or check the data."
         )
         self.step, self.term, self.checkpoint = step, term, checkpoint
-
-
-# ---------------------------------------------------------------------------------------------- distributed
-
-
-class DistInfo(NamedTuple):
-    """Where this process sits: ``rank`` of ``world_size``, its ``local_rank`` and its ``device``."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-
-def setup_distributed(device: str = "auto") -> DistInfo:
-    """Read torchrun's environment and start the process group if ``WORLD_SIZE > 1``.
-
-    Backend: NCCL when the device is CUDA (each rank on ``cuda:LOCAL_RANK``), gloo otherwise (CPU tests).
-    Without ``WORLD_SIZE`` (a plain ``python -m iddpm train``) nothing is initialised.
-    """
-    from .runtime import get_device
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = get_device(None if device == "auto" else device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank, local_rank, world_size, dev)
-
-
-def _is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 # --------------------------------------------------------------------------------------------------- state
@@ -355,6 +153,20 @@ def resolve_unet_config(cfg: TrainConfig, in_channels: int, num_classes: int | N
         raise ValueError(f"class_cond=True but dataset {cfg.dataset!r} has no labels")
     if base.num_classes is not None and not cfg.class_cond:
         raise ValueError(f"preset {cfg.preset!r} is class-conditional: set class_cond=True (--class-cond)")
+    derived = {
+        "in_channels": (in_channels, f"dataset {cfg.dataset!r} has {in_channels} channel(s)"),
+        "learn_sigma": (cfg.var_type in _LEARNED, f"var_type={cfg.var_type!r} decides it"),
+        "num_classes": (
+            num_classes if cfg.class_cond else None,
+            f"class_cond={cfg.class_cond} and the dataset's {num_classes} classes decide it",
+        ),
+    }
+    for name, (value, why) in derived.items():
+        if name in cfg.model_overrides and cfg.model_overrides[name] != value:
+            raise ValueError(
+                f"model override {name}={cfg.model_overrides[name]!r} contradicts the data: {why} "
+                f"({name}={value!r}); drop the override"
+            )
     return dataclasses.replace(
         base,
         image_size=cfg.image_size or base.image_size,
@@ -418,7 +230,7 @@ def make_train_state(
     torch.manual_seed(rank_seed(cfg.seed, info.rank, "dropout"))
     step = 0
     if checkpoint is not None:
-        step = _load_into(checkpoint, model, emas, opt, scaler, sampler, info)
+        step = _load_into(checkpoint, model, emas, opt, scaler, sampler, cfg.weight_decay)
     ddp = None
     step_model: Callable[..., Tensor] = model
     if info.world_size > 1:
@@ -562,7 +374,7 @@ class _Stats:
     def check(self) -> tuple[int, str] | None:
         """(step, term) of the first non-finite term seen on any rank, or None. One host sync."""
         fb = self.first_bad.clone()
-        if _is_dist():
+        if is_dist():
             fb = torch.where(fb < 0, torch.full_like(fb, 2**62), fb)
             dist.all_reduce(fb, op=dist.ReduceOp.MIN)
             fb = torch.where(fb == 2**62, torch.full_like(fb, -1), fb)
@@ -573,7 +385,7 @@ class _Stats:
     def flush(self, step: int, lr: float, global_batch: int) -> dict[str, Any]:
         """Averages since the last flush (over ranks too) as a JSON-able record; resets the sums."""
         packed = torch.cat([self.sums, self.q_sums.flatten(), self.q_counts])
-        if _is_dist():
+        if is_dist():
             dist.all_reduce(packed)
             packed[: len(self.keys)] /= dist.get_world_size()
         vals = packed.tolist()
@@ -598,17 +410,9 @@ class _Stats:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def _gather(obj: Any) -> list[Any]:
-    if not _is_dist():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _state_dict(st: TrainState, data_state: dict[str, int]) -> dict[str, Any] | None:
     """The checkpoint dict on rank 0 (None elsewhere). Collective: every rank must call it."""
-    rngs = _gather(ckpt_io.rng_state({"t": st.gen_t, "noise": st.gen_noise}))
+    rngs = gather(ckpt_io.rng_state({"t": st.gen_t, "noise": st.gen_noise}))
     if st.dist.rank != 0:
         return None
     for m in st.emas.values():
@@ -630,7 +434,7 @@ def _state_dict(st: TrainState, data_state: dict[str, int]) -> dict[str, Any] | 
 
 
 def _load_into(
-    ck: dict, model: nn.Module, emas: dict, opt: Any, scaler: Any, sampler: Any, info: DistInfo
+    ck: dict, model: nn.Module, emas: dict, opt: Any, scaler: Any, sampler: Any, weight_decay: float
 ) -> int:
     model.load_state_dict(ck["model"])
     for rate, m in emas.items():
@@ -645,6 +449,8 @@ def _load_into(
             if key in g_now:
                 g_saved[key] = g_now[key]
     opt.load_state_dict(saved_opt)
+    for g in opt.param_groups:  # a resumable change (RESUMABLE_FIELDS) wins over the saved value
+        g["weight_decay"] = weight_decay
     if scaler is not None and ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
     sampler.load_state_dict(ck["sampler"])
@@ -660,49 +466,59 @@ def _restore_rng(ck: dict, st: TrainState) -> bool:
     return True
 
 
-def _params_finite(params: list[Tensor]) -> bool:
-    norms = torch._foreach_norm(params)
-    ok = torch.stack([torch.isfinite(n) for n in norms]).all()
-    if _is_dist():
-        ok = ok.to(torch.int32)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok)
-
-
 def load_training_checkpoint(path: str | os.PathLike, cfg: TrainConfig) -> dict[str, Any]:
     """Read a training checkpoint safely and refuse it if it was made with a different config."""
     return check_training_checkpoint(ckpt_io.safe_load(path), path, cfg)
 
 
+# What a training checkpoint must hold to be resumed (its "rng" may be missing: then with a warning).
+_RESUME_KEYS = {
+    "config": "the training config",
+    "model_config": "the model config",
+    "step": "the step count",
+    "model": "the model weights",
+    "ema": "the EMA weights",
+    "opt": "the optimizer state",
+    "sampler": "the timestep sampler state",
+    "data": "the data order",
+}
+
+
+def _check_keys(ck: dict[str, Any], path: str | os.PathLike, needed: dict[str, str], purpose: str) -> None:
+    missing = [k for k in needed if k not in ck or (ck[k] is None and k != "scaler")]
+    if missing:
+        what = ", ".join(f"{k!r} ({needed[k]})" for k in missing)
+        raise ckpt_io.CheckpointError(
+            f"{path} cannot be {purpose}: it is missing {what}. It was not written by iddpm's train() or "
+            "was cut or edited; use another checkpoint (e.g. an older ckpt_*.pt of the run)"
+        )
+
+
 def check_training_checkpoint(
     ck: dict[str, Any], path: str | os.PathLike, cfg: TrainConfig
 ) -> dict[str, Any]:
-    """Refuse a loaded checkpoint (read from ``path``) of another format or made with a different config."""
+    """Refuse a loaded checkpoint (read from ``path``) of another format, with missing parts, or made with a
+    different config (fields outside :data:`HARMLESS_FIELDS` and :data:`RESUMABLE_FIELDS`)."""
     if ck.get("format") != ckpt_io.FORMAT:
         raise ckpt_io.CheckpointError(
             f"{path} is not an iddpm training checkpoint (format {ck.get('format')!r})"
         )
-    ckpt_io.check_config(_upgrade_config(ck["config"]), asdict(cfg), ignore=HARMLESS_FIELDS)
+    _check_keys(ck, path, _RESUME_KEYS, "resumed")
+    ckpt_io.check_config(
+        _upgrade_config(ck["config"]), asdict(cfg), ignore=HARMLESS_FIELDS | RESUMABLE_FIELDS
+    )
     return ck
 
 
-def config_from_checkpoint(ck: dict[str, Any], **changes: Any) -> TrainConfig:
-    """Rebuild the ``TrainConfig`` stored in a checkpoint (tuples restored), with ``changes`` applied."""
-    d = dict(ck["config"])
-    d["ema_rates"] = tuple(d["ema_rates"])
-    d = _upgrade_config(d)
-    d.update(changes)
-    return TrainConfig(**d)
-
-
-def _upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
-    """Read configs saved by older versions: ``sample_respacing="100"`` (the former default) even for T < 100
-    means None; a config without ``ema_warmup`` predates the option and used the plain EMA."""
-    if d.get("sample_respacing") == "100" and int(d.get("diffusion_steps", 100)) < 100:
-        d = {**d, "sample_respacing": None}
-    if "ema_warmup" not in d:
-        d = {**d, "ema_warmup": False}
-    return d
+def resumable_changes(ck: dict[str, Any], cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """The :data:`RESUMABLE_FIELDS` whose value in ``cfg`` differs from the checkpoint's:
+    ``{name: {"from": old, "to": new}}``."""
+    saved = _upgrade_config(ck["config"])
+    return {
+        k: {"from": saved.get(k), "to": getattr(cfg, k)}
+        for k in sorted(RESUMABLE_FIELDS)
+        if saved.get(k) != getattr(cfg, k)
+    }
 
 
 def load_model(
@@ -728,6 +544,8 @@ def load_model(
         raise ckpt_io.CheckpointError(
             f"{path} is not an iddpm training checkpoint (format {ck.get('format')!r})"
         )
+    needed = {k: _RESUME_KEYS[k] for k in ("config", "model_config", "step", "ema" if use_ema else "model")}
+    _check_keys(ck, path, needed, "loaded")
     mc = dict(ck["model_config"])
     for k in ("channel_mult", "attention_resolutions"):
         if mc.get(k) is not None:
@@ -753,13 +571,15 @@ def load_model(
 
 
 class TrainResult(NamedTuple):
-    """How a run ended: ``step`` reached, the ``checkpoint`` written last, ``interrupted`` by Ctrl-C, and the
-    ``last_log`` record (means of the last interval)."""
+    """How a run ended: ``step`` reached, the ``checkpoint`` written last, ``interrupted`` (by Ctrl-C, SIGTERM
+    or a callback), the ``last_log`` record (means of the last interval), and the ``signal`` that stopped it
+    (``"SIGINT"``, ``"SIGTERM"`` or None)."""
 
     step: int
     checkpoint: Path | None
     interrupted: bool
     last_log: dict[str, Any]
+    signal: str | None = None
 
 
 @torch.no_grad()
@@ -789,19 +609,47 @@ def save_sample_grid(st: TrainState, path: Path) -> Path:
     return save_png(path, to_uint8(x.float()))
 
 
-def _install_sigint(flag: threading.Event) -> Callable[[], None]:
-    """First Ctrl-C sets ``flag`` (the loop saves at the next step boundary); a second one stops at once."""
+class _StopRequest:
+    """Set by the first SIGINT (Ctrl-C) or SIGTERM (what Slurm, Kubernetes and preemptible cloud VMs send):
+    the loop saves a checkpoint at the next step boundary and returns. A second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal: str | None = None
+
+    def set(self, name: str | None = None) -> None:
+        if not self.event.is_set():
+            self.signal = name
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+_STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+def _install_stop_handlers(stop: _StopRequest) -> Callable[[], None]:
+    """Route SIGINT and SIGTERM to ``stop`` (main thread only); returns a function restoring the old ones."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {}
 
     def handler(signum: int, frame: Any) -> None:
-        if flag.is_set():
+        if stop.is_set():
             raise KeyboardInterrupt
-        flag.set()
+        stop.set(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGINT, handler)
-    return lambda: signal.signal(signal.SIGINT, previous)
+    for name in _STOP_SIGNALS:
+        sig = getattr(signal, name)
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
 
 
 def train(
@@ -813,39 +661,85 @@ def train(
 ) -> TrainResult:
     """Train until ``cfg.total_steps``, logging, checkpointing and sampling along the way.
 
+    Before any compute, ``cfg.out_dir`` is created and locked (:class:`iddpm.rundir.RunLock`; rank 0), the
+    leftovers of interrupted writes are removed, and a fresh run (``resume=None``) refuses a folder that
+    already holds a run. On resume, ``log.jsonl`` records past the checkpoint's step are dropped, and changed
+    optimiser settings (:data:`RESUMABLE_FIELDS`) are applied and logged as a ``config_change`` record.
+
     Args:
         cfg: the run.
-        resume: a checkpoint path, ``"auto"`` (``out_dir/latest.pt`` if present, else a fresh start) or None.
+        resume: a checkpoint path, ``"auto"`` (``out_dir/latest.pt`` if present, else a fresh start) or None
+            (a fresh start, refused if ``out_dir`` already holds a run).
         checkpoint: the dict already loaded from ``resume`` (e.g. by the CLI to read its config), so the file
             is not read twice; it is still checked against ``cfg``.
         callback: called as ``callback(step, out)`` after every completed step (1-based ``step``), e.g. to
             record losses in a notebook. Raising ``KeyboardInterrupt`` from it behaves like Ctrl-C.
 
     Returns:
-        :class:`TrainResult`.
+        :class:`TrainResult`. A first Ctrl-C or SIGTERM saves a checkpoint at the next step boundary and
+        returns with ``interrupted=True`` (and ``signal`` naming it).
 
     Raises:
         NonFiniteLossError: a loss term went NaN/inf (the last good checkpoint is kept, nothing bad is saved).
-        CheckpointError: ``resume`` points at an unsafe file or one from a different config.
+        CheckpointError: ``resume`` points at an unsafe file, one with missing parts, or one from a different
+            config; or a checkpoint cannot be written (e.g. a full disk).
+        RunDirError: ``out_dir`` cannot be written, already holds a run (fresh start), or is locked by
+            another process.
     """
-    from tqdm.auto import tqdm
-
-    from .data import ImageBatches, load_dataset
-
     info = setup_distributed(cfg.device)
     if cfg.batch_size % info.world_size:
         raise ValueError(
             f"batch_size={cfg.batch_size} is global and must divide evenly over {info.world_size} processes"
         )
-    per_rank = cfg.batch_size // info.world_size
     out_dir = Path(cfg.out_dir)
-    is_main = info.rank == 0
-
-    ck = None
+    fresh_ok = resume == "auto"
     if resume == "auto":
         resume = ckpt_io.find_resume(out_dir)
-    if checkpoint is not None and resume in (None, "auto"):
+    if checkpoint is not None and resume is None:
         raise ValueError("checkpoint= needs the path it was loaded from as resume=")
+    lock = rundir.RunLock(out_dir)
+    error = None
+    if info.rank == 0:
+        try:
+            rundir.prepare_out_dir(out_dir)
+            lock.acquire()
+            rundir.remove_stale_tmp(out_dir)
+            if resume is None:
+                if not fresh_ok:
+                    rundir.check_fresh(out_dir)
+                elif list(out_dir.glob("ckpt_*.pt")):
+                    raise rundir.RunDirError(
+                        f"{out_dir} holds checkpoints but no latest.pt: resume one of them with "
+                        "--resume PATH, or start a new run with a new --out-dir"
+                    )
+        except rundir.RunDirError as e:
+            lock.release()
+            error = str(e)
+    error = broadcast_from_main(error)  # every rank stops if rank 0 cannot use the folder
+    if error is not None:
+        raise rundir.RunDirError(error)
+    try:
+        return _train(cfg, info, out_dir, resume, checkpoint, callback)
+    finally:
+        lock.release()
+
+
+def _train(
+    cfg: TrainConfig,
+    info: DistInfo,
+    out_dir: Path,
+    resume: str | os.PathLike | None,
+    checkpoint: dict[str, Any] | None,
+    callback: Callable[[int, StepOutput], None] | None,
+) -> TrainResult:
+    """The body of :func:`train`, run while rank 0 holds the run directory's lock."""
+    from tqdm.auto import tqdm
+
+    from .data import ImageBatches, load_dataset
+
+    per_rank = cfg.batch_size // info.world_size
+    is_main = info.rank == 0
+    ck = None
     if resume is not None:
         if checkpoint is not None:
             ck = check_training_checkpoint(checkpoint, resume, cfg)
@@ -862,8 +756,19 @@ def train(
     )  # fmt: skip
     st = make_train_state(cfg, unet_cfg, info, ck)
     exact = True
+    changes: dict[str, dict[str, Any]] = {}
     if ck is not None:
-        if ck.get("world_size") == info.world_size:
+        changes = resumable_changes(ck, cfg)
+        if not ck.get("rng"):
+            exact = False
+            if is_main:
+                print(
+                    f"warning: {resume} has no RNG state: training continues, but its timestep and noise "
+                    "draws differ from those of an uninterrupted run (not bitwise reproducible)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        elif ck.get("world_size") == info.world_size:
             batches.load_state_dict(ck["data"])
             exact = _restore_rng(ck, st)
         else:
@@ -878,16 +783,18 @@ def train(
             "the first steps take a minute or two",
             flush=True,
         )
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     log_path = out_dir / "log.jsonl"
+    if is_main:
+        # A resumed run continues the log at the checkpoint's step; a fresh one (possibly after a run that
+        # never saved a checkpoint, with --resume auto) starts it at 0.
+        rundir.truncate_log(log_path, st.step)
+        rundir.atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=1) + "\n")
     total = cfg.total_steps
     last_ckpt: Path | None = Path(resume) if resume is not None else None
     stats: _Stats | None = None
     last_log: dict[str, Any] = {}
-    stop = threading.Event()
-    restore_sigint = _install_sigint(stop)
+    stop = _StopRequest()
+    restore_signals = _install_stop_handlers(stop)
     bar = tqdm(
         total=total, initial=st.step, disable=not (is_main and cfg.progress), desc="train", dynamic_ncols=True
     )
@@ -900,7 +807,7 @@ def train(
     def save() -> None:
         nonlocal last_ckpt
         check_finite()
-        if not _params_finite(st.params):
+        if not all_finite(st.params):
             raise NonFiniteLossError(st.step, "parameters", last_ckpt)
         state = _state_dict(st, batches.state_dict())
         if state is not None:
@@ -915,6 +822,10 @@ def train(
     ck = checkpoint = None  # noqa: F841 (free the loaded tensors: the state holds its own copies now)
     if is_main and resumed:
         log({"event": "resume", "step": st.step, "from": str(resume), "exact": exact})
+        if changes:
+            log({"event": "config_change", "step": st.step, "changes": changes})
+            shown = ", ".join(f"{k} {v['from']} -> {v['to']}" for k, v in changes.items())
+            print(f"note: resuming with changed optimiser settings: {shown}", flush=True)
     start_step = st.step
     if is_main and resumed and st.step >= total:
         print(
@@ -948,7 +859,7 @@ def train(
             if info.world_size == 1:
                 interrupted = stop.is_set()
             elif at_log:
-                # Ranks see Ctrl-C at different steps: agree at log boundaries so all stop at the same step.
+                # Ranks see a signal at different steps: agree at log boundaries so all stop at the same step.
                 flag = torch.tensor([int(stop.is_set())], device=info.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 interrupted = bool(flag.item())
@@ -970,26 +881,12 @@ def train(
         if is_main and cfg.sample_every and not interrupted and st.step > start_step:
             save_sample_grid(st, out_dir / f"samples_{st.step:07d}.png")
         if info.world_size > 1:
-            log({"event": "replicas", "step": st.step, "max_abs_diff": _replica_diff(st.params)})
+            log({"event": "replicas", "step": st.step, "max_abs_diff": replica_diff(st.params)})
         if interrupted and is_main:
-            log({"event": "interrupted", "step": st.step, "checkpoint": str(last_ckpt)})
+            log(
+                {"event": "interrupted", "step": st.step, "checkpoint": str(last_ckpt), "signal": stop.signal}
+            )
     finally:
         bar.close()
-        restore_sigint()
-    return TrainResult(st.step, last_ckpt, interrupted, last_log)
-
-
-def _replica_diff(params: list[Tensor]) -> float:
-    """Largest |param - rank 0's param| over all ranks (0.0 when replicas are identical). Collective."""
-    flat = torch.cat([p.detach().flatten().float() for p in params])
-    ref = flat.clone()
-    dist.broadcast(ref, src=0)
-    diff = (flat - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return float(diff)
-
-
-def cleanup_distributed() -> None:
-    """Destroy the process group if one was started."""
-    if _is_dist():
-        dist.destroy_process_group()
+        restore_signals()
+    return TrainResult(st.step, last_ckpt, interrupted, last_log, stop.signal if interrupted else None)

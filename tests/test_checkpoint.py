@@ -126,21 +126,32 @@ def test_config_check_names_the_fields():
     ck.check_config(saved, dict(saved, steps=99), ignore={"steps"})  # harmless difference only
 
 
-def test_keep_last_deletes_old_checkpoints_after_the_new_one(tmp_path, monkeypatch):
+def test_keep_last_needs_no_room_for_an_extra_checkpoint(tmp_path, monkeypatch):
+    real = ck.atomic_save
+    on_disk = []  # checkpoints already on disk when each new one starts to be written
+
+    def counting(obj, path):
+        if Path(path).name.startswith("ckpt_"):
+            on_disk.append(len(list(tmp_path.glob("ckpt_*.pt"))))
+        return real(obj, path)
+
+    monkeypatch.setattr(ck, "atomic_save", counting)
     for step in range(1, 6):
         ck.save_train_checkpoint({"step": step}, tmp_path, step, keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000004.pt", "ckpt_0000005.pt"]
     assert ck.safe_load(tmp_path / ck.LATEST)["step"] == 5
-    # A failed write deletes nothing.
-    real = ck.atomic_save
+    # The old code wrote the new checkpoint next to keep_last old ones (peak keep_last + 1) and then pruned.
+    assert max(on_disk) == 1  # so at most keep_last = 2 on disk, the one being written included
 
+    # A failed write still leaves the last good checkpoint (the one latest.pt points to) to resume from.
     def failing(obj, path):
         raise OSError("disk full")
 
     monkeypatch.setattr(ck, "atomic_save", failing)
     with pytest.raises(OSError, match="disk full"):
         ck.save_train_checkpoint({"step": 6}, tmp_path, 6, keep_last=1)
-    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000004.pt", "ckpt_0000005.pt"]
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000005.pt"]
+    assert ck.safe_load(tmp_path / ck.LATEST)["step"] == 5
     monkeypatch.setattr(ck, "atomic_save", real)
     with pytest.raises(ValueError, match="keep_last"):
         ck.save_train_checkpoint({"step": 7}, tmp_path, 7, keep_last=-1)
@@ -169,3 +180,28 @@ def test_non_checkpoint_gets_our_message_not_torchs_advice(tmp_path):
     msg = str(err.value)
     assert "not a valid iddpm checkpoint" in msg and "weights_only=True" in msg
     assert "Re-running" not in msg and "set to `False`" not in msg and "False will likely" not in msg
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),  # errno.ENOSPC
+        RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4160 vs 4054"),
+    ],
+)
+def test_full_disk_says_so_and_leaves_nothing_behind(tmp_path, monkeypatch, failure):
+    ck.save_train_checkpoint({"step": 1}, tmp_path, 1)
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ck.CheckpointError, match=r"ckpt_0000002\.pt: no space left.*MiB free") as err:
+        ck.save_train_checkpoint({"step": 2}, tmp_path, 2)
+    assert "inline_container" not in str(err.value) and "--resume auto" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000001.pt", "latest.pt"]  # no *.tmp
+    # Other errors pass through unchanged.
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="^boom$"):
+        ck.atomic_save({}, tmp_path / "x.pt")

@@ -83,8 +83,20 @@ def test_train_sample_nll_end_to_end(tmp_path, capsys):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [2, 3, 4]
     # Changing a real setting on resume is refused with the field's name.
-    assert main(["train", "--resume", "auto", "--out-dir", str(run), "--steps", "6", "--lr", "1"]) == 2
-    assert "['lr']" in capsys.readouterr().err
+    again = ["train", "--resume", "auto", "--out-dir", str(run)]
+    assert main([*again, "--steps", "6", "--vlb-weight", "1"]) == 2
+    assert "['vlb_weight']" in capsys.readouterr().err
+    # The optimiser settings may change (what the NaN stop advises): applied, and recorded in the log.
+    assert main(["train", "--resume", "auto", "--out-dir", str(run), "--steps", "5", "--lr", "5e-5",
+                 "--weight-decay", "0.01", "--no-progress"]) == 0  # fmt: skip
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r for r in log if r.get("event") == "config_change"] == [
+        {"event": "config_change", "step": 4,
+         "changes": {"lr": {"from": 1e-4, "to": 5e-5}, "weight_decay": {"from": 0.0, "to": 0.01}}}
+    ]  # fmt: skip
+    assert [r["lr"] for r in log if "loss" in r] == [1e-4, 1e-4, 1e-4, 5e-5]
+    saved = torch.load(run / "latest.pt", weights_only=True)
+    assert saved["config"]["lr"] == 5e-5 and saved["opt"]["param_groups"][0]["weight_decay"] == 0.01
 
     png = tmp_path / "s.png"
     ckpt = str(run / "latest.pt")
@@ -203,3 +215,66 @@ def test_small_T_train_sample_and_resume_read_once(tmp_path, capsys, monkeypatch
     assert len(calls) == 1
     out = capsys.readouterr().out
     assert "already at step 1 >= the requested 1 steps" in out and "done: step 1" in out
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_143_and_resumes_bitwise(tmp_path):
+    """Preemption (Slurm, Kubernetes, spot VMs send SIGTERM): saved like Ctrl-C, and the resumed run ends
+    bitwise where a run that was never interrupted ends. A second writer meanwhile is refused."""
+    from iddpm import rundir
+    from iddpm.train import TrainConfig, train
+
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    flags = ["--preset", "tiny", "--dataset", "digits8", "--diffusion-steps", "20", "--batch-size", "4",
+             "--log-every", "1", "--save-every", "0", "--sample-every", "0", "--no-progress",
+             "--device", "cpu", "--schedule-sampler", "loss-second-moment", "--ema-rates", "0.9",
+             "--ema-warmup"]  # fmt: skip
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "iddpm", "train", *flags, "--steps", "100000", "--out-dir", str(run)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            proc.stderr.read() if proc.poll() else "slow"
+        )
+        time.sleep(0.2)
+    ns = build_parser().parse_args(["train", *flags, "--steps", "3", "--out-dir", str(run)])
+    with pytest.raises(rundir.RunDirError, match=f"in use: process {proc.pid} "):
+        train(config_from_args(ns), resume="auto")  # one writer per folder
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM, after saving
+    stopped = torch.load(run / "latest.pt", weights_only=True)["step"]
+    assert f"interrupted at step {stopped} (SIGTERM)" in out and stopped >= 2
+    assert not (run / rundir.LOCK_NAME).exists()
+    end = stopped + 2
+    assert (
+        main(["train", "--resume", "auto", "--out-dir", str(run), "--steps", str(end), "--no-progress"]) == 0
+    )
+
+    ref = tmp_path / "ref"
+    ns = build_parser().parse_args(["train", *flags, "--steps", str(end), "--out-dir", str(ref)])
+    cfg: TrainConfig = config_from_args(ns)
+    torch.set_num_threads(1)
+    train(cfg)
+    a = torch.load(run / "latest.pt", weights_only=True)
+    b = torch.load(ref / "latest.pt", weights_only=True)
+    assert a["step"] == b["step"] == end
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"]["0.9"][k], b["ema"]["0.9"][k]), k
+    assert torch.equal(a["sampler"]["history"], b["sampler"]["history"])
+    steps = [r["step"] for r in (json.loads(x) for x in log.read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, end + 1))
+
+
+def test_ema_rate_with_no_ema_is_refused(capsys):
+    for cmd in ("sample", "nll"):
+        assert main([cmd, "missing.pt", "--no-ema", "--ema-rate", "0.9999"]) == 2
+        err = capsys.readouterr().err
+        assert "--ema-rate 0.9999 picks an EMA, but --no-ema uses the raw weights" in err, err

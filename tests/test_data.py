@@ -106,7 +106,7 @@ def test_bundled_sets_have_a_fixed_stratified_held_out_split(name: str, n_test: 
     assert torch.equal(torch.bincount(test.labels), torch.round(per_class / 6).long())
     # fixed: the draw does not depend on the global RNG
     torch.manual_seed(123)
-    np.random.seed(123)  # noqa: NPY002  (the legacy global state must not matter)
+    np.random.seed(123)  # noqa: NPY002 (the legacy global RNG is what must not matter)
     assert torch.equal(split_indices(full.labels, "test"), i_te)
 
 
@@ -287,6 +287,36 @@ def test_folder_loader_labels_from_prefixes_and_resize(tmp_path: Path) -> None:
     ) == {9}
     with pytest.raises(ValueError, match="different sizes"):
         load_dataset("folder", root=big)
+
+
+@pytest.mark.skipif(not HAS_PIL, reason="the folder loader reads images with Pillow")
+def test_folder_loader_reads_16_bit_pngs(tmp_path: Path) -> None:
+    from PIL import Image
+
+    wide = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(wide).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    ds = load_dataset("folder", root=tmp_path)
+    expected = torch.from_numpy(np.rint(wide / 257.0).astype(np.uint8))
+    # Pillow's convert("RGB") clipped at 255: 63 of these 64 pixels used to come out white.
+    for c in range(3):
+        assert torch.equal(ds.images[0, c], expected)
+    assert int(ds.images.max()) == 255 and int(ds.images.min()) == 0
+
+
+@pytest.mark.skipif(not HAS_PIL, reason="the folder loader reads images with Pillow")
+@pytest.mark.parametrize("bad", ["truncated", "not_an_image", "garbage_header"])
+def test_folder_loader_names_an_unreadable_file(tmp_path: Path, bad: str) -> None:
+    save_png(tmp_path / "good.png", torch.full((4, 4, 3), 7, dtype=torch.uint8))
+    whole = (tmp_path / "good.png").read_bytes()
+    content = {
+        "truncated": whole[: len(whole) // 2],
+        "not_an_image": b"these are notes, saved with the wrong extension\n",
+        "garbage_header": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+    }[bad]
+    (tmp_path / "broken.png").write_bytes(content)
+    with pytest.raises(ValueError, match=r"cannot read the image .*broken\.png .*corrupt, truncated"):
+        load_dataset("folder", root=tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- batches

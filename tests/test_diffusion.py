@@ -335,3 +335,15 @@ def test_bad_inputs_raise(cosine20: Schedule) -> None:
     with pytest.raises(TypeError, match="floating"):
         q_sample(s, torch.zeros(2, 2, dtype=torch.int64), torch.tensor([0, 1]), torch.zeros(2, 2))
     assert set(MEAN_TYPES) == {"eps", "x0", "xprev"}
+
+
+def test_q_sample_draws_its_noise_when_none_is_given(cosine20: Schedule) -> None:
+    x0 = torch.rand(3, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([0, 5, 19])
+    g = torch.Generator().manual_seed(7)
+    drawn = q_sample(cosine20, x0, t, generator=g)  # used to fail with AttributeError on None.shape
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7), dtype=x0.dtype)
+    torch.testing.assert_close(drawn, q_sample(cosine20, x0, t, eps))
+    assert q_sample(cosine20, x0, t).shape == x0.shape  # global RNG
+    with pytest.raises(ValueError, match="either noise or generator"):
+        q_sample(cosine20, x0, t, eps, generator=g)

@@ -316,3 +316,39 @@ def test_training_losses_errors(cosine20: Schedule, gen: torch.Generator, grid_x
     with pytest.raises(ValueError, match="must output 2 channels"):
         training_losses(s, m, x0, t, loss_type="simple", var_type="fixed_small")
     assert LOSS_TYPES == ("simple", "hybrid", "vlb")
+
+
+def test_data_outside_minus_one_one_is_refused(cosine20: Schedule) -> None:
+    from iddpm.evaluate import bits_per_dim
+
+    def model(x, t):
+        return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:], dtype=x.dtype)
+
+    t = torch.tensor([1, 2])
+    for x0 in (torch.full((2, 1, 4, 4), 255.0), torch.full((2, 1, 4, 4), 0.5).index_fill_(0, t[:1], -1.5)):
+        with pytest.raises(ValueError, match=r"x0 must be data scaled to \[-1, 1\].*got values in"):
+            training_losses(cosine20, model, x0, t)
+        with pytest.raises(ValueError, match=r"x0 must be data scaled to \[-1, 1\]"):
+            bits_per_dim(model, cosine20, x0)
+    ok = torch.full((2, 1, 4, 4), 1.0)  # the ends of the range are data
+    assert training_losses(cosine20, model, ok, t)["loss"].shape == (2,)
+
+
+def test_a_model_with_the_wrong_output_says_so(cosine20: Schedule) -> None:
+    x0 = torch.zeros(2, 3, 4, 4)
+    t = torch.tensor([1, 2])
+    cases = [
+        (
+            lambda x, t: (torch.zeros(2, 6, 4, 4),),
+            TypeError,
+            r"one tensor of shape \(B, 6, \.\.\.\).*a tuple of 1",
+        ),
+        (lambda x, t: torch.zeros(2, 6, 2, 2), ValueError, r"must be \(2, 6, 4, 4\)"),
+        (lambda x, t: torch.zeros(1, 6, 4, 4), ValueError, r"must be \(2, 6, 4, 4\)"),
+        (lambda x, t: torch.zeros(2, 3, 4, 4), ValueError, "must output 6 channels"),
+    ]
+    for model, kind, match in cases:
+        with pytest.raises(kind, match=match):
+            training_losses(cosine20, model, x0, t)
+        with pytest.raises(kind, match=match):
+            p_mean_variance(cosine20, model(x0, t), x0, t)

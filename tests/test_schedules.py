@@ -93,6 +93,9 @@ def test_betas_from_alpha_bar() -> None:
     torch.testing.assert_close(b, torch.tensor([1 / 4, 1 / 3, 1 / 2, 0.9], dtype=torch.float64))
     with pytest.raises(ValueError, match="max_beta"):
         betas_from_alpha_bar(lambda u: 1 - u, 4, max_beta=1.5)
+    for bad in (1.0, 0.0):  # beta = 1 was accepted, then sampling and bits/dim were NaN
+        with pytest.raises(ValueError, match=r"max_beta must be in \(0, 1\)"):
+            cosine_betas(10, max_beta=bad)
     with pytest.raises(ValueError, match="strictly decreasing"):
         betas_from_alpha_bar(lambda u: 1.0, 4)
     with pytest.raises(TypeError, match="int"):
@@ -185,9 +188,10 @@ def test_check_t_errors() -> None:
     [
         (dict(betas=[[0.1, 0.2]]), "1-D"),
         (dict(betas=[]), "non-empty"),
-        (dict(betas=[0.1, 0.0]), r"in \(0, 1\]"),
-        (dict(betas=[0.1, 1.2]), r"in \(0, 1\]"),
-        (dict(betas=[0.1, float("nan")]), r"in \(0, 1\]"),
+        (dict(betas=[0.1, 0.0]), r"in \(0, 1\)"),
+        (dict(betas=[0.1, 1.2]), r"in \(0, 1\)"),
+        (dict(betas=[0.1, float("nan")]), r"in \(0, 1\)"),
+        (dict(betas=[0.1, 1.0]), r"in \(0, 1\) \(beta = 1 destroys x0.*NaN\); got \[1.0\]"),
         (dict(betas=[0.1, 0.2], timesteps=[0]), r"shape \(2,\)"),
         (dict(betas=[0.1, 0.2], timesteps=[3, 3]), "strictly increasing"),
         (dict(betas=[0.1, 0.2], timesteps=[5, 2]), "strictly increasing"),
