@@ -169,6 +169,11 @@ def train_run(cfg: TrainConfig, threads: int | None = None) -> dict[str, Any]:
             return info
     if threads:
         torch.set_num_threads(threads)
+    if out.is_dir() and not (out / "latest.pt").is_file():
+        # A run of ours that stopped before its first checkpoint: nothing to resume, so start it again. The
+        # runner owns these folders (runs/experiments/<key>); only the files a run writes are removed.
+        for p in [out / "log.jsonl", out / "config.json", *out.glob("ckpt_*.pt")]:
+            p.unlink(missing_ok=True)
     t0 = time.perf_counter()
     res = train(cfg, resume="auto")
     prior = json.loads(info_path.read_text()).get("wall_s", 0.0) if info_path.is_file() else 0.0

@@ -259,3 +259,16 @@ def test_committed_cpu_results_carry_verdicts_and_provenance(name: str) -> None:
     assert prov["seeds"] == spec.seeds and sorted(res["arms"]) == sorted(spec.arms)
     assert all(len(res["arms"][a]) == len(spec.seeds) for a in spec.arms)
     assert list((REPO / "results" / name).glob("*.png")) and (REPO / "results" / name / "README.md").is_file()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = experiment.load_spec("d_diffusion_steps", "smoke", CONFIGS)
+    cfg = spec.config("T25", 0)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True)
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a crash after the first log record
+    info = experiment.train_run(cfg)
+    assert info["finished"] and (out / "latest.pt").is_file()
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {"step": 1, "loss": 1.0} not in logged and logged[-1]["step"] == cfg.total_steps
