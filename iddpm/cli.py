@@ -242,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
+    _add_features_parser(sub)
+
     p = sub.add_parser("bench", help="time training and sampling steps (img/s, TFLOP/s, memory)")
     add_bench_args(p)
-    _add_features_parser(sub)
     return parser
 
 
@@ -502,10 +503,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(ns)
         if ns.command == "sample":
             return cmd_sample(ns)
-        if ns.command == "nll":
-            return cmd_nll(ns)
         if ns.command == "features":
             return cmd_features(ns)
+        if ns.command == "nll":
+            return cmd_nll(ns)
         from .bench import run_from_args
 
         return run_from_args(ns)
