@@ -45,6 +45,7 @@ __all__ = [
     "experiment_names",
     "load_results",
     "load_spec",
+    "find_results_dir",
     "read_config",
     "run_experiment",
     "run_key",
@@ -492,11 +493,22 @@ def export_pretrained(
         log(f"exported {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
 
 
+def find_results_dir() -> Path:
+    """Where the committed results live: ``$IDDPM_RESULTS``, else ``results/`` of the repository this package
+    was installed from (an editable install or a clone, e.g. the book's Colab set-up), else ``./results``."""
+    env = os.environ.get("IDDPM_RESULTS")
+    if env:
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parents[1] / "results"
+    return repo if repo.is_dir() else Path("results")
+
+
 def load_results(
-    name: str, results_dir: str | os.PathLike = "results", smoke: bool = False
+    name: str, results_dir: str | os.PathLike | None = None, smoke: bool = False
 ) -> dict[str, Any]:
-    """Read ``results_dir/NAME/results.json`` (or the smoke-scale one)."""
-    path = Path(results_dir) / name / ("smoke/results.json" if smoke else "results.json")
+    """Read ``results_dir/NAME/results.json`` (or the smoke-scale one); default :func:`find_results_dir`."""
+    root = Path(results_dir) if results_dir is not None else find_results_dir()
+    path = root / name / ("smoke/results.json" if smoke else "results.json")
     if not path.is_file():
         raise FileNotFoundError(f"no results at {path}: run `python -m iddpm experiment run {name}` first")
     return json.loads(path.read_text())
