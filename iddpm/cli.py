@@ -1,8 +1,8 @@
-"""Command line: ``python -m iddpm train|sample|nll|bench`` (also the ``iddpm`` console script).
+"""Command line: ``python -m iddpm train|sample|nll|features|bench|experiment`` (also the ``iddpm`` script).
 
 Examples::
 
-    python -m iddpm train --preset tiny --dataset digits8 --diffusion-steps 100 --batch-size 32 --steps 500
+    python -m iddpm train --preset digits8 --dataset digits8 --diffusion-steps 100 --steps 1000 --ema-warmup
     python -m iddpm train --preset cifar10 --dataset cifar10 --download --out-dir runs/c10          # 1 GPU
     torchrun --nproc_per_node=8 -m iddpm train --preset cifar10 --dataset cifar10 --out-dir runs/c10  # 8 GPUs
     python -m iddpm train --resume auto --out-dir runs/c10                # continue where it stopped
@@ -11,6 +11,8 @@ Examples::
     python -m iddpm sample runs/c10/latest.pt --num 50000 --batch 500 --compile   # compile pays off here
     python -m iddpm nll runs/c10/latest.pt --num 256 --respacing 100
     python -m iddpm bench --preset cifar10 --batch 128 --sample-batch 256 --json b.json  # GPU: bf16+compile
+    python -m iddpm features train --kind all             # the digit classifiers behind digit-FID
+    python -m iddpm experiment run all --scale cpu --jobs 2   # the paper's claims at small scale -> results/
 
 ``train`` flags are generated from :class:`iddpm.train.TrainConfig`'s fields (``--batch-size`` for
 ``batch_size``, ...). With ``--resume``, the checkpoint's config is the base and only the flags you give
