@@ -28,7 +28,7 @@ _LEARNED = ("learned", "learned_range")
 class TrainConfig:
     """Everything that defines a training run (saved in every checkpoint with ``asdict``).
 
-    The defaults are the paper's CIFAR-10 L_hybrid run (spec §15) except ``steps``. Fields in
+    The defaults are the paper's CIFAR-10 L_hybrid run (their README's flags) except ``steps``. Fields in
     :data:`HARMLESS_FIELDS` and the optimiser settings in :data:`RESUMABLE_FIELDS` (logged) may change when
     resuming; any other difference refuses the checkpoint.
 

@@ -311,7 +311,7 @@ def _variance(s: Schedule, v: Tensor | None, x_t: Tensor, t: Tensor, var_type: s
         log_var = frac * max_log + (1.0 - frac) * min_log
     elif var_type == "fixed_large":
         # sigma^2 = beta_t, except at t = 0 where beta~_1 replaces beta_0 "to get a better decoder log
-        # likelihood" (authors' code; spec Sec. 5). A one-step chain has no beta~_1 and keeps beta_0.
+        # likelihood" (authors' code). A one-step chain has no beta~_1 and keeps beta_0.
         first = s.posterior_var[1:2] if s.num_steps > 1 else s.betas[:1]
         large = torch.cat([first, s.betas[1:]])
         var, log_var = extract(large, t, x_t), extract(torch.log(large), t, x_t)

@@ -202,7 +202,7 @@ def training_losses(
     * ``"hybrid"`` (paper Sec. 3.1, Eq. 16): ``L_hybrid = L_simple + lambda * T * L_t`` with ``lambda =
       vlb_weight`` (0.001 in the paper). ``T * L_t`` is the single-sample estimate of ``L_vlb = sum_t L_t``
       under uniform ``t``, hence the factor T. With lambda = 0.001 and T = 4000 this is ``mse + 4 * L_t``,
-      exactly the authors' ``RESCALED_MSE`` (``vb *= num_timesteps / 1000``, spec Sec. 8). ``L_t`` is computed
+      exactly the authors' ``RESCALED_MSE`` (``vb *= num_timesteps / 1000``). ``L_t`` is computed
       from ``cat([mean_part.detach(), v])`` with ``clip_x0=False``: the stop-gradient on the mean means the
       VLB trains only the variance, and ``L_simple`` alone trains the mean. Needs a learned variance.
     * ``"vlb"``: ``T * L_t`` (the authors' ``RESCALED_KL``), an unbiased single-sample estimate of the whole

@@ -9,7 +9,7 @@ Conventions used by the whole package (stated once, here):
 * ``x0``, ``x_t`` and ``eps`` are ``(B, C, H, W)`` (any number of trailing dims works) scaled to ``[-1, 1]``.
 * Schedules are computed and stored in float64. :func:`extract` gathers a per-timestep coefficient and
   casts it to the dtype of the tensor it will multiply, so float64 inputs get exact float64 maths (the
-  authors' code casts to float32 whatever the input; see the spec's gotcha 13).
+  authors' code casts to float32 whatever the input).
 * A respaced chain (see :mod:`iddpm.respace`) is just another :class:`Schedule` whose ``timesteps`` maps its
   own index to the index of the original chain. The network always sees original-chain timesteps.
 

@@ -1,6 +1,6 @@
 """Training: ``TrainConfig``, one training step, and the resumable, multi-GPU training loop.
 
-What the loop does each step (the authors' ``TrainLoop.run_step``, spec §14, with the fixes listed below)::
+What the loop does each step (the authors' ``TrainLoop.run_step``, with the fixes listed below)::
 
     zero grads; lr = base_lr * (1 - step / lr_anneal_steps)          (if annealing)
     for each microbatch (x_m, y_m) of the rank's batch:

@@ -1,6 +1,6 @@
 """The improved UNet of Nichol & Dhariwal (2021): the network that predicts ε (and v, when σ is learned).
 
-The layout, module names and parameter shapes follow the authors' ``improved_diffusion/unet.py`` (spec §13),
+The layout, module names and parameter shapes follow the authors' ``improved_diffusion/unet.py``,
 so their released checkpoints load with a plain
 ``model.load_state_dict(torch.load("cifar10_uncond_50M_500K.pt"))``: ``time_embed.{0,2}``, ``label_emb``,
 ``input_blocks.i.j``, ``middle_block.{0,1,2}``, ``output_blocks.i.j`` and ``out.{0,2}``, with ResBlocks
@@ -89,7 +89,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 # Configuration
 # ------------------------------------------------------------------------------------------------------------
 
-# The authors' create_model picks channel_mult from the image size (spec §13); other sizes must give it.
+# The authors' create_model picks channel_mult from the image size; other sizes must give it.
 _AUTHORS_CHANNEL_MULT: dict[int, tuple[int, ...]] = {
     256: (1, 1, 2, 2, 4, 4),
     64: (1, 2, 3, 4),
@@ -271,7 +271,7 @@ class UNetConfig:
 
 
 PRESETS: dict[str, UNetConfig] = {
-    # The released models (spec §15). The parameter counts are those of the authors' code (spec §13).
+    # The released models. The parameter counts are those of the authors' code.
     # cifar10_uncond_50M_500K.pt: 52,546,438 parameters.
     "cifar10": UNetConfig(
         image_size=32, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
@@ -496,7 +496,7 @@ class EmbedSequential(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """The improved-DDPM UNet (spec §13), built from a :class:`UNetConfig`.
+    """The improved-DDPM UNet, built from a :class:`UNetConfig`.
 
     Down path: a 3×3 conv, then per level ``num_res_blocks`` × [ResBlock (+ attention)] and a Downsample
     between levels. Middle: ResBlock, attention, ResBlock. Up path: levels reversed, ``num_res_blocks + 1`` ×

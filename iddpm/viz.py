@@ -257,6 +257,7 @@ def plot_schedules(
     x: str = "fraction",
     log: Sequence[str] = ("snr",),
     size: tuple[float, float] = (4.0, 3.0),
+    ncols: int | None = None,
 ) -> Figure:
     """Plot per-timestep quantities of several schedules, one panel per quantity.
 
@@ -267,13 +268,20 @@ def plot_schedules(
             ``"t"`` against the 0-based index.
         log: quantities drawn on a log y axis.
         size: inches per panel.
+        ncols: panels per row (default: all in one row); ``ncols=1`` stacks them, which stays readable on a
+            phone-sized screen.
     """
     if x not in ("fraction", "t"):
         raise ValueError(f"x must be 'fraction' or 't', got {x!r}")
     if not schedules:
         raise ValueError("schedules is empty")
-    fig = _new_figure((size[0] * len(quantities), size[1]))
-    axes = fig.subplots(1, len(quantities), squeeze=False)[0]
+    ncols = len(quantities) if ncols is None else max(1, min(ncols, len(quantities)))
+    nrows = -(-len(quantities) // ncols)
+    fig = _new_figure((size[0] * ncols, size[1] * nrows))
+    all_axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in all_axes[len(quantities) :]:
+        ax.remove()
+    axes = all_axes[: len(quantities)]
     for ax, q in zip(axes, quantities, strict=True):
         for label, s in schedules.items():
             if not hasattr(s, q):

@@ -144,6 +144,10 @@ def test_figures_are_returned_not_shown() -> None:
     assert isinstance(fig, Figure) and len(fig.axes) == 3
     assert len(fig.axes[0].lines) == 2
     assert fig.axes[2].get_yscale() == "log"
+    stacked = viz.plot_schedules(sched, quantities=("alpha_bar", "betas", "snr"), size=(4.0, 2.0), ncols=1)
+    assert len(stacked.axes) == 3 and tuple(stacked.get_size_inches()) == (4.0, 6.0)
+    two = viz.plot_schedules(sched, quantities=("alpha_bar", "betas", "snr"), ncols=2)
+    assert len(two.axes) == 3  # the unused fourth panel is removed
     pictures = {"a": [torch.zeros(1, 4, 4)] * 3, "b": [torch.ones(1, 4, 4)] * 3}
     rows = viz.plot_image_rows(pictures, ["1", "2", "3"])
     assert len(rows.axes) == 6

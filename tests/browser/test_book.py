@@ -8,11 +8,13 @@ Chapters added to _toc.yml are tested automatically.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.browser
+ROOT = Path(__file__).resolve().parents[2]
 
 # `page` (every page of _toc.yml) and `notebook` (the notebook chapters) are parametrized in conftest.py.
 
@@ -145,7 +147,11 @@ def test_widgets_render(visit: Any, notebook: str) -> None:
 def test_colab_launch_link(visit: Any, notebook: str) -> None:
     page = notebook
     p = visit(page).page
-    href = f"https://colab.research.google.com/github/iddpm/iddpm/blob/main/{page}.ipynb"
+    import yaml
+
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    owner_name = repo["url"].rstrip("/").removeprefix("https://github.com/")
+    href = f"https://colab.research.google.com/github/{owner_name}/blob/{repo['branch']}/{page}.ipynb"
     assert p.locator(f'a[href="{href}"]').count() >= 1, f"{page}: no Colab launch link to {href}"
 
 
