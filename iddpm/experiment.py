@@ -456,6 +456,13 @@ def run_experiment(
     results["verdict"] = verdicts.judge(results)
     results["provenance"] = provenance(spec, time.perf_counter() - t0, runs, dev)
     target = out_dir / ("results.json" if scale != "smoke" else "smoke/results.json")
+    if target.is_file():  # a re-run that only redid part of the work: keep the earlier commands' time too
+        before = json.loads(target.read_text()).get("provenance", {})
+        earlier = before.get("total_wall_s", before.get("wall_s", 0.0))
+        results["provenance"]["total_wall_s"] = earlier + results["provenance"]["wall_s"]
+        results["provenance"]["earlier_commits"] = sorted(
+            {*before.get("earlier_commits", []), before.get("commit")} - {None}
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(measure.json_safe(results), indent=1) + "\n")

@@ -230,11 +230,17 @@ def write_readme(results: dict[str, Any], out_dir: str | Path) -> Path:
         "## Provenance",
         "",
         f"- command: `{prov['command']}`",
-        f"- commit: `{prov['commit']}`" + (" (with uncommitted changes)" if prov.get("dirty") else ""),
+        f"- commit: `{prov['commit']}`"
+        + (" (with uncommitted changes)" if prov.get("dirty") else "")
+        + (
+            f"; earlier commands at {', '.join(c[:10] for c in prov['earlier_commits'])}"
+            if prov.get("earlier_commits")
+            else ""
+        ),
         f"- seeds: {prov['seeds']}; torch {prov['torch']}, numpy {prov['numpy']}; device {prov['device']} "
         f"({prov.get('machine', '')}, {prov.get('cpu_count')} cores)",
-        f"- wall time of this command: {prov['wall_s'] / 60:.1f} min (training of runs shared with other "
-        "experiments is counted where it ran first)",
+        f"- wall time: {prov.get('total_wall_s', prov['wall_s']) / 60:.1f} min over the command(s) that wrote "
+        "this file (measurement, plus any training they did; each run's training time is in results.json)",
         f"- date: {prov.get('date')}",
         "",
     ]
@@ -266,7 +272,8 @@ def write_index(results_dir: str | Path) -> Path:
         v, p = r["verdict"], r["provenance"]
         rows.append(
             f"| {r['claim']} | [{r['title']}]({path.parent.name}/README.md) | {v['verdict']} | "
-            f"{v['held']}/{v['of']} | {p['seeds']} | {p['wall_s'] / 60:.1f} | `{(p['commit'] or '')[:10]}` |"
+            f"{v['held']}/{v['of']} | {p['seeds']} | {p.get('total_wall_s', p['wall_s']) / 60:.1f} | "
+            f"`{(p['commit'] or '')[:10]}` |"
         )
     extra = results_dir / "notes.md"
     if extra.is_file():

@@ -12,7 +12,9 @@ some do, and ``"not reproduced"`` when none does. The rules:
   sigma^2 = beta and with sigma^2 = beta-tilde; (2) L_hybrid's digit-FID at K = 50 (or the K nearest T/2) is
   within 10% of its own at K = T; (3) DDIM beats L_hybrid at the smallest K; (4) L_hybrid beats DDIM at K = T.
 * **c** (gradient noise and importance sampling): (1) the gradient noise scale of L_vlb (uniform t) >
-  L_hybrid's, averaged over the measured checkpoints in log space; (2) importance sampling lowers L_vlb's;
+  L_hybrid's, averaged over the measured checkpoints in log space (a seed whose estimate of ``|G|^2`` is not
+  positive at some checkpoint has an unbounded noise scale: see :func:`compare`); (2) importance sampling
+  lowers L_vlb's;
   (3) held-out NLL of L_vlb + importance sampling < L_vlb uniform; (4) < L_hybrid.
 * **d** (more diffusion steps): held-out NLL falls from each T to the next larger T.
 * **e** (scaling): digit-FID follows a power law in training compute: over all widths and checkpoints, a
@@ -32,7 +34,9 @@ __all__ = ["compare", "judge", "summarize"]
 def _mean_se(vals: list[float], own_se: list[float] | None = None) -> dict[str, Any]:
     n = len(vals)
     mean = sum(vals) / n
-    if n > 1:
+    if not all(math.isfinite(v) for v in vals):
+        se = math.nan  # an unbounded measurement (e.g. a noise scale whose |G|^2 estimate is <= 0)
+    elif n > 1:
         se = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n)
     else:
         se = own_se[0] if own_se else 0.0
@@ -40,8 +44,18 @@ def _mean_se(vals: list[float], own_se: list[float] | None = None) -> dict[str, 
 
 
 def compare(lower: dict[str, Any], higher: dict[str, Any], what: str) -> dict[str, Any]:
-    """Check that ``lower['mean'] < higher['mean']`` by more than twice the combined standard error."""
+    """Check that ``lower['mean'] < higher['mean']`` by more than twice the combined standard error.
+
+    When a value is not finite (an unbounded measurement) the standard error is undefined; the check then
+    asks for complete separation instead: every seed of ``higher`` above every seed of ``lower`` (with 3
+    seeds a side, a one-sided permutation p-value of 1/20).
+    """
     diff = higher["mean"] - lower["mean"]
+    values = lower.get("values", []) + higher.get("values", [])
+    if values and not all(math.isfinite(v) for v in values):
+        holds = min(higher["values"]) > max(lower["values"])
+        return {"check": what + " (seeds completely separated; a value is unbounded)", "holds": bool(holds),
+                "difference": diff, "se": None, "z": None}  # fmt: skip
     se = math.sqrt(lower["se"] ** 2 + higher["se"] ** 2)
     holds = diff > 2 * se if se > 0 else diff > 0
     return {
