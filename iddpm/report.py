@@ -239,7 +239,7 @@ def write_readme(results: dict[str, Any], out_dir: str | Path) -> Path:
         ),
         f"- seeds: {prov['seeds']}; torch {prov['torch']}, numpy {prov['numpy']}; device {prov['device']} "
         f"({prov.get('machine', '')}, {prov.get('cpu_count')} cores)",
-        f"- wall time: {prov.get('total_wall_s', prov['wall_s']) / 60:.1f} min over the command(s) that wrote "
+        f"- wall time: {prov.get('total_wall_s', prov['wall_s']) / 60:.1f} min over the commands that wrote "
         "this file (measurement, plus any training they did; each run's training time is in results.json)",
         f"- date: {prov.get('date')}",
         "",
