@@ -272,3 +272,12 @@ def test_a_run_stopped_before_its_first_checkpoint_is_started_again(tmp_path: Pa
     assert info["finished"] and (out / "latest.pt").is_file()
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert {"step": 1, "loss": 1.0} not in logged and logged[-1]["step"] == cfg.total_steps
+
+
+def test_compare_with_an_unbounded_value_needs_complete_separation() -> None:
+    hi = _stat(math.inf, 5.0, 6.0)
+    assert math.isnan(hi["se"])
+    c = verdicts.compare(_stat(1.0, 2.0, 1.5), hi, "x")
+    assert c["holds"] and c["se"] is None and "separated" in c["check"]
+    assert not verdicts.compare(_stat(1.0, 7.0, 1.5), hi, "x")["holds"]  # 7 > 5: the seeds overlap
+    assert not verdicts.compare(hi, _stat(1.0, 2.0, 1.5), "x")["holds"]
