@@ -76,7 +76,7 @@ def _style(ax: Any) -> None:
 def plot_loss_scale(
     terms: Tensor | np.ndarray,
     title: str | None = None,
-    size: tuple[float, float] = (6.0, 3.6),
+    size: tuple[float, float] = (5.2, 3.4),
 ) -> Figure:
     """The per-timestep terms ``L_t`` of the bound on a log axis: the mean over images and its 10-90% band.
 
@@ -138,9 +138,9 @@ def plot_sampler_weights(
     ax = fig.add_subplot()
     ax.bar(t, p, width=1.0, color="C0", label="p_t (importance sampler)")
     ax.axhline(1.0 / T, color="C3", lw=1.2, ls="--", label="uniform, 1/T")
-    ax.set_yscale("log")
     floor = min(p[p > 0].min(), 1.0 / T) / 2
     ax.set_ylim(floor, ymax if ymax is not None else max(p.max(), 1.0 / T) * 2)
+    ax.set_yscale("log")
     ax.set_xlim(0.5, T + 0.5)
     ax.set_xlabel("diffusion step t", fontsize=FONT)
     ax.set_ylabel("probability of drawing t", fontsize=FONT)
@@ -192,7 +192,7 @@ def plot_learning_curves(
     ylabel: str = "held-out loss",
     log: bool = False,
     title: str | None = None,
-    size: tuple[float, float] = (6.0, 3.6),
+    size: tuple[float, float] = (5.2, 3.4),
 ) -> Figure:
     """Learning curves: ``{label: (steps, values)}``, one line per arm."""
     if not curves:
@@ -233,7 +233,7 @@ def _errorbar(ax: Any, xs: Sequence[float], stats: Sequence[Mapping[str, Any]], 
 def plot_gns(
     results: Mapping[str, Any],
     labels: Mapping[str, str] | None = None,
-    size: tuple[float, float] = (6.0, 3.6),
+    size: tuple[float, float] = (5.2, 3.4),
 ) -> Figure:
     """The simple gradient noise scale ``B`` against training step, per arm (mean over seeds +- se), log y.
 
@@ -262,7 +262,7 @@ def plot_gns(
 def plot_nll(
     results: Mapping[str, Any],
     labels: Mapping[str, str] | None = None,
-    size: tuple[float, float] = (6.0, 3.2),
+    size: tuple[float, float] = (5.2, 3.0),
 ) -> Figure:
     """Held-out NLL per arm: a horizontal bar at the mean with its standard error, and a dot per seed."""
     s = _summary(results)
@@ -291,7 +291,7 @@ def plot_nll(
 def plot_quality_vs_steps(
     results: Mapping[str, Any],
     labels: Mapping[str, str] | None = None,
-    size: tuple[float, float] = (6.0, 8.4),
+    size: tuple[float, float] = (5.2, 8.0),
 ) -> Figure:
     """digit-FID, precision and recall against the number of sampling steps K: three panels, stacked.
 
