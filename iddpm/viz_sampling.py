@@ -319,6 +319,10 @@ def plot_quality_vs_steps(
     axes[-1].set_xticks(ks, [str(k) for k in ks])
     axes[-1].minorticks_off()
     axes[0].set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    for fmt in (axes[0].yaxis.set_major_formatter, axes[0].yaxis.set_minor_formatter):
+        fmt(ScalarFormatter())  # plain numbers (40, 60), not 4 x 10^1, on the log axis
     axes[-1].set_xlabel("sampling steps K", fontsize=FONT)
     axes[0].legend(fontsize=FONT - 1)
     return fig
