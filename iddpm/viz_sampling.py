@@ -133,10 +133,10 @@ def plot_sampler_weights(
         )
     p = w / w.sum()
     T = p.size
-    t = np.arange(1, T + 1)
     fig = _figure(*size)
     ax = fig.add_subplot()
-    ax.bar(t, p, width=1.0, color="C0", label="p_t (importance sampler)")
+    # one filled step artist (not T bars): a scrubber draws this figure once per frame
+    ax.stairs(p, np.arange(T + 1) + 0.5, fill=True, color="C0", label="p_t (importance sampler)")
     ax.axhline(1.0 / T, color="C3", lw=1.2, ls="--", label="uniform, 1/T")
     floor = min(p[p > 0].min(), 1.0 / T) / 2
     ax.set_ylim(floor, ymax if ymax is not None else max(p.max(), 1.0 / T) * 2)
