@@ -147,8 +147,9 @@ def plot_sampler_weights(
     head = f"training step {step}" if step is not None else "sampler weights"
     if not warmed_up:
         head += " (warm-up: still uniform)"
-    ax.set_title(head, fontsize=FONT + 1)
-    ax.legend(fontsize=FONT - 1, loc="upper right")
+    fig.suptitle(head, fontsize=FONT + 1)
+    # above the axes, where no bar can hide it (the mass may pile up at either end of the chain)
+    ax.legend(fontsize=FONT - 1, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False)
     _style(ax)
     return fig
 
@@ -249,7 +250,8 @@ def plot_gns(
     fig = _figure(*size)
     ax = fig.add_subplot()
     for a in arms:
-        rows = s[a]["gns"]
+        # an estimate of |G|^2 <= 0 (pure noise) gives B = inf: it cannot be drawn on a log axis
+        rows = [r for r in s[a]["gns"] if math.isfinite(r["b_simple"]["mean"])]
         _errorbar(ax, [r["step"] for r in rows], [r["b_simple"] for r in rows], (labels or {}).get(a, a))
     ax.set_yscale("log")
     ax.set_xlabel("training step", fontsize=FONT)

@@ -65,7 +65,8 @@ def test_plot_sampler_weights_normalises_and_marks_uniform() -> None:
     (stairs,) = ax.patches
     np.testing.assert_allclose(stairs.get_data().values, (w / w.sum()).numpy())
     assert ax.lines[0].get_ydata()[0] == pytest.approx(0.25)
-    assert "7" in ax.get_title() and "warm-up" in ax.get_title()
+    title = fig.get_suptitle()
+    assert "7" in title and "warm-up" in title
     for bad in (torch.tensor([-1.0, 2.0]), torch.zeros(3), torch.ones(2, 2)):
         with pytest.raises(ValueError, match="weights must be"):
             vs.plot_sampler_weights(bad)
@@ -100,6 +101,13 @@ def test_plot_gns_and_nll_from_results() -> None:
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["L_hybrid", "vlb"]
+    res["summary"]["vlb"]["gns"] = [
+        *res["summary"]["vlb"]["gns"],
+        {"step": 1200, "b_simple": _stat(float("inf"))},
+    ]
+    fig = vs.plot_gns(res)  # an infinite estimate is left out, not drawn
+    vlb_line = fig.axes[0].containers[1].lines[0]  # the ErrorbarContainer of the second arm
+    assert list(vlb_line.get_xdata()) == [400, 800]
     fig = vs.plot_nll(res["summary"])  # the summary alone works too
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["hybrid", "vlb"]
     with pytest.raises(ValueError, match="gns"):
