@@ -116,6 +116,7 @@ def plot_sampler_weights(
     ymax: float | None = None,
     warmed_up: bool = True,
     size: tuple[float, float] = (5.0, 3.0),
+    title: str | None = None,
 ) -> Figure:
     """One snapshot of a timestep sampler: ``p_t`` (the normalised ``weights``) against ``t``, and uniform.
 
@@ -125,6 +126,7 @@ def plot_sampler_weights(
         ymax: fixed upper y limit, so frames of a scrubber share one axis.
         warmed_up: False draws a note that the sampler is still uniform (warm-up).
         size: inches.
+        title: plain-text title instead of the training step.
     """
     w = _np(weights)
     if w.ndim != 1 or w.size < 1 or (w < 0).any() or not w.sum() > 0:
@@ -147,6 +149,8 @@ def plot_sampler_weights(
     head = f"training step {step}" if step is not None else "sampler weights"
     if not warmed_up:
         head += " (warm-up: still uniform)"
+    if title is not None:
+        head = title
     fig.suptitle(head, fontsize=FONT + 1)
     # above the axes, where no bar can hide it (the mass may pile up at either end of the chain)
     ax.legend(fontsize=FONT - 1, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False)

@@ -67,6 +67,7 @@ def test_plot_sampler_weights_normalises_and_marks_uniform() -> None:
     assert ax.lines[0].get_ydata()[0] == pytest.approx(0.25)
     title = fig.get_suptitle()
     assert "7" in title and "warm-up" in title
+    assert vs.plot_sampler_weights(w, title="target").get_suptitle() == "target"
     for bad in (torch.tensor([-1.0, 2.0]), torch.zeros(3), torch.ones(2, 2)):
         with pytest.raises(ValueError, match="weights must be"):
             vs.plot_sampler_weights(bad)
