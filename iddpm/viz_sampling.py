@@ -368,9 +368,13 @@ def verdict_html(results: Mapping[str, Any]) -> HTML:
         f"<br><b>Verdict at the {html.escape(str(results.get('scale', '?')))} scale: "
         f"{html.escape(v['verdict'])}</b> ({v['held']} of {v['of']} checks hold)</p>"
     )
+    style = (
+        "<style>.iddpm-verdict th,.iddpm-verdict td{padding:0.15em 0.7em;text-align:left;}"
+        ".iddpm-verdict td:nth-child(n+3){text-align:right;font-variant-numeric:tabular-nums;}</style>"
+    )
     table = (
         '<div style="overflow-x:auto"><table class="iddpm-verdict">'
         "<thead><tr><th>check</th><th>holds</th><th>difference</th><th>se</th><th>z</th></tr></thead>"
         f"<tbody>{rows}</tbody></table></div>"
     )
-    return HTML(head + table)
+    return HTML(style + head + table)
