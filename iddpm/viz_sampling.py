@@ -240,11 +240,15 @@ def plot_gns(
     labels: Mapping[str, str] | None = None,
     size: tuple[float, float] = (5.2, 3.4),
 ) -> Figure:
-    """The simple gradient noise scale ``B`` against training step, per arm (mean over seeds +- se), log y.
+    """The simple gradient noise scale ``B`` against training step, per arm, on a log axis.
+
+    Per checkpoint: the geometric mean over seeds with its standard error (from the mean and se of
+    ``log10 B``) and a faint dot per seed. A seed whose estimate of ``|G|^2`` came out <= 0 has an unbounded
+    ``B`` (``inf``): it is drawn as a triangle at the top edge, and that checkpoint gets no mean.
 
     Args:
         results: a results dict (or its ``summary``) whose arms have ``gns``: a list of ``{"step",
-            "b_simple": stat}``.
+            "b_simple": stat}`` rows, each optionally with ``"log10_b": stat`` (else taken from ``b_simple``).
         labels: display names per arm (default: the arm names).
     """
     s = _summary(results)
@@ -253,10 +257,45 @@ def plot_gns(
         raise ValueError("no arm of these results has a 'gns' entry")
     fig = _figure(*size)
     ax = fig.add_subplot()
-    for a in arms:
-        # an estimate of |G|^2 <= 0 (pure noise) gives B = inf: it cannot be drawn on a log axis
-        rows = [r for r in s[a]["gns"] if math.isfinite(r["b_simple"]["mean"])]
-        _errorbar(ax, [r["step"] for r in rows], [r["b_simple"] for r in rows], (labels or {}).get(a, a))
+    unbounded = False
+    for j, a in enumerate(arms):
+        color = f"C{j}"
+        xs, mids, lo, hi = [], [], [], []
+        for r in s[a]["gns"]:
+            logs = r.get("log10_b") or {
+                "values": [math.log10(v) if v > 0 else math.inf for v in r["b_simple"]["values"]],
+                "mean": math.nan,
+                "se": math.nan,
+            }
+            vals = [float(v) for v in logs["values"]]
+            finite = [v for v in vals if math.isfinite(v)]
+            ax.plot([r["step"]] * len(finite), [10**v for v in finite], ".", color=color, alpha=0.45, ms=6)
+            if len(finite) < len(vals):
+                unbounded = True
+                ax.plot(
+                    [r["step"]],
+                    [0.96],
+                    "^",
+                    color=color,
+                    ms=8,
+                    transform=ax.get_xaxis_transform(),
+                    clip_on=False,
+                )
+            mean, se = float(logs["mean"]), float(logs["se"])
+            if not math.isfinite(mean) and len(finite) == len(vals):
+                mean = sum(vals) / len(vals)  # computed from the values (no log10_b entry in the file)
+                se = 0.0
+            if math.isfinite(mean):
+                se = se if math.isfinite(se) else 0.0
+                xs.append(r["step"])
+                mids.append(10**mean)
+                lo.append(10**mean - 10 ** (mean - se))
+                hi.append(10 ** (mean + se) - 10**mean)
+        ax.errorbar(
+            xs, mids, yerr=[lo, hi], color=color, marker="o", ms=5, capsize=3, label=(labels or {}).get(a, a)
+        )
+    if unbounded:
+        ax.plot([], [], "^", color="0.4", ms=8, label="a seed's B unbounded (|G|^2 <= 0)")
     ax.set_yscale("log")
     ax.set_xlabel("training step", fontsize=FONT)
     ax.set_ylabel("gradient noise scale B", fontsize=FONT)

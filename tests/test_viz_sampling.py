@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -102,13 +104,29 @@ def test_plot_gns_and_nll_from_results() -> None:
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["L_hybrid", "vlb"]
-    res["summary"]["vlb"]["gns"] = [
-        *res["summary"]["vlb"]["gns"],
-        {"step": 1200, "b_simple": _stat(float("inf"))},
-    ]
-    fig = vs.plot_gns(res)  # an infinite estimate is left out, not drawn
-    vlb_line = fig.axes[0].containers[1].lines[0]  # the ErrorbarContainer of the second arm
+    inf_row = {
+        "step": 1200,
+        "b_simple": _stat(float("inf"), 5.0),
+        "log10_b": {
+            "mean": float("inf"),
+            "se": float("nan"),
+            "n": 2,
+            "values": [float("inf"), math.log10(5.0)],
+        },
+    }
+    res["summary"]["vlb"]["gns"] = [*res["summary"]["vlb"]["gns"], inf_row]
+    # an unbounded seed: no mean at that step, a triangle at the top, the other seed a dot
+    fig = vs.plot_gns(res)
+    ax = fig.axes[0]
+    vlb_line = ax.containers[1].lines[0]  # the ErrorbarContainer of the second arm
     assert list(vlb_line.get_xdata()) == [400, 800]
+    assert any(line.get_marker() == "^" and list(line.get_xdata()) == [1200] for line in ax.lines)
+    assert any(np.allclose(line.get_ydata(), [5.0]) and len(line.get_ydata()) == 1 for line in ax.lines)
+    assert any("unbounded" in t.get_text() for t in ax.get_legend().get_texts())
+    # without log10_b in the file the geometric mean over seeds is computed from b_simple
+    hyb = {"summary": {"hybrid": res["summary"]["hybrid"]}}
+    mids = vs.plot_gns(hyb).axes[0].containers[0].lines[0].get_ydata()
+    np.testing.assert_allclose(np.asarray(mids, float), [math.sqrt(4000 * 4800), math.sqrt(8000 * 9600)])
     fig = vs.plot_nll(res["summary"])  # the summary alone works too
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["hybrid", "vlb"]
     with pytest.raises(ValueError, match="gns"):
