@@ -238,7 +238,7 @@ def _errorbar(ax: Any, xs: Sequence[float], stats: Sequence[Mapping[str, Any]], 
 def plot_gns(
     results: Mapping[str, Any],
     labels: Mapping[str, str] | None = None,
-    size: tuple[float, float] = (5.2, 3.4),
+    size: tuple[float, float] = (5.2, 4.2),
 ) -> Figure:
     """The simple gradient noise scale ``B`` against training step, per arm, on a log axis.
 
@@ -299,7 +299,8 @@ def plot_gns(
     ax.set_yscale("log")
     ax.set_xlabel("training step", fontsize=FONT)
     ax.set_ylabel("gradient noise scale B", fontsize=FONT)
-    ax.legend(fontsize=FONT - 1)
+    # below the axes: the seeds spread over orders of magnitude and a legend inside would hide some
+    ax.legend(fontsize=FONT - 1, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     _style(ax)
     return fig
 
