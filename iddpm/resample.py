@@ -12,7 +12,7 @@ while changing its variance. The paper picks ``p_t ∝ sqrt(E[L_t^2])``, which m
 Unlike the authors' code this works in a single process: the ``torch.distributed`` all-gather only runs when a
 process group has been initialised, and the history is an int64/float64 torch tensor (no ``np.int``).
 
-Chapter: not yet in the book (part II)
+Chapter: book/07_importance_sampling
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ network keeps seeing original-chain timesteps, through ``Schedule.timesteps``.
 :func:`space_timesteps` reproduces the authors' choice of kept steps exactly, including its use of Python's
 banker's rounding on an accumulated float.
 
-Chapter: book/03_reverse_process
+Chapter: book/03_reverse_process, book/08_respacing
 """
 
 from __future__ import annotations
