@@ -17,6 +17,7 @@ readable on a phone-sized (390 px) screen.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -256,7 +257,7 @@ def plot_arm_stats(stats: Mapping[str, Mapping[str, Any]], xlabel: str, title: s
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3, axis="x")
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(textwrap.fill(title, 55), fontsize=10)
     return fig
 
 
@@ -274,6 +275,11 @@ def plot_quality_vs_steps(
         variants: which variants to draw, in order (default: every one found).
         full_steps: T, marked with a vertical line (K = T is the unrespaced chain).
     """
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    _plain = FuncFormatter(lambda y, _: f"{y:g}")
+    # minor ticks of a log axis: label only 2x and 5x a power of ten, so the labels never crowd
+    _plain_25 = FuncFormatter(lambda y, _: f"{y:g}" if f"{y:.0e}"[0] in "25" else "")
     quality = {v: rows for arm in summary.values() for v, rows in arm.get("quality", {}).items()}
     if not quality:
         raise ValueError("the summary has no sample-quality rows")
@@ -295,8 +301,13 @@ def plot_quality_vs_steps(
         if full_steps:
             ax.axvline(full_steps, color="0.5", lw=0.8, ls=":")
         ax.set_xscale("log")
+        ks = sorted({r["steps"] for v in names for r in quality[v]})
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         if metric == "fid":
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(_plain)
+            ax.yaxis.set_minor_formatter(_plain_25)
         ax.set_ylabel(ylabels.get(metric, metric))
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
