@@ -13,6 +13,7 @@ readable on a phone-sized (390 px) screen.
 * :func:`plot_arm_stats`: a statistic (e.g. held-out NLL) per arm of an experiment, with seeds and errors.
 * :func:`plot_quality_vs_steps`: digit-FID / precision / recall against the number of sampling steps K.
 * :func:`verdict_lines`: an experiment's verdict and checks as plain text.
+* :func:`grey_frames`: compact 8-bit greyscale PNG frames of image batches, for long scrubbers.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "VARIANT_LABELS",
+    "grey_frames",
     "plot_arm_stats",
     "plot_ema_init_share",
     "plot_interpolation_over_t",
@@ -62,6 +64,31 @@ def _as_array(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().double().numpy()
     return np.asarray(x, dtype=np.float64)
+
+
+def grey_frames(batches: Sequence[Any], nrow: int | None = None) -> list[bytes]:
+    """One 8-bit greyscale PNG per batch of grey images ``(B, 1, H, W)`` in [-1, 1], a PNG pixel per pixel.
+
+    The same pictures as :func:`iddpm.viz.image_frames` with ``scale=1``, but a quarter of the bytes (one
+    channel instead of RGBA), which matters for a scrubber with a frame per sampling step. Show them enlarged
+    with the scrubber's ``width``: its CSS keeps the pixels crisp.
+    """
+    import io
+
+    from PIL import Image
+
+    from .viz import image_grid
+
+    frames = []
+    for b in batches:
+        grid = image_grid(b, nrow=nrow)
+        if grid.ndim != 2:
+            raise ValueError("grey_frames needs 1-channel images")
+        buf = io.BytesIO()
+        pixels = np.round(grid * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(buf, format="PNG", optimize=True)  # 2-D uint8: mode "L"
+        frames.append(buf.getvalue())
+    return frames
 
 
 def running_mean(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:

@@ -128,3 +128,19 @@ def test_verdict_lines() -> None:
     assert "holds" in lines[1] and "z = 3.00" in lines[1] and "± 0.5" in lines[1]
     assert "fails" in lines[2] and "se" not in lines[2]
     assert "no verdict" in vt.verdict_lines({"experiment": "x"})[0]
+
+
+def test_grey_frames_match_image_grid() -> None:
+    import io
+
+    from PIL import Image
+
+    from iddpm import viz
+
+    x = torch.linspace(-1, 1, 2 * 16).reshape(2, 1, 4, 4)
+    (png,) = vt.grey_frames([x], nrow=2)
+    img = Image.open(io.BytesIO(png))
+    assert img.mode == "L" and img.size == (9, 4)
+    np.testing.assert_allclose(np.asarray(img) / 255, viz.image_grid(x, nrow=2), atol=0.5 / 255 + 1e-6)
+    with pytest.raises(ValueError, match="1-channel"):
+        vt.grey_frames([torch.zeros(1, 3, 2, 2)])
