@@ -343,7 +343,10 @@ def plot_quality_vs_steps(
 
 
 def verdict_lines(results: Mapping[str, Any]) -> list[str]:
-    """An experiment's verdict and each of its checks, as plain-text lines (from ``results["verdict"]``)."""
+    """An experiment's verdict and each of its checks, as plain-text lines (from ``results["verdict"]``).
+
+    Each check takes two lines, the check and then its numbers, so that nothing wraps in a narrow output.
+    """
     v = results.get("verdict")
     if not v:
         return [f"{results.get('experiment', 'this experiment')}: no verdict recorded"]
@@ -355,5 +358,5 @@ def verdict_lines(results: Mapping[str, Any]) -> list[str]:
             detail += f" ± {c['se']:.2g} (se)"
         if c.get("z") is not None:
             detail += f", z = {c['z']:.2f}"
-        lines.append(f"  {mark} {c['check']}: {detail}")
+        lines += [f"  {mark} {c['check']}", f"         {detail}"]  # two short lines: no wrapping
     return lines

@@ -125,8 +125,9 @@ def test_verdict_lines() -> None:
     }
     lines = vt.verdict_lines(res)
     assert lines[0] == "verdict: partly (1 of 2 checks hold)"
-    assert "holds" in lines[1] and "z = 3.00" in lines[1] and "± 0.5" in lines[1]
-    assert "fails" in lines[2] and "se" not in lines[2]
+    assert lines[1].split() == ["holds", "A", "<", "B"] and "z = 3.00" in lines[2] and "± 0.5" in lines[2]
+    assert lines[3].split()[0] == "fails" and "se" not in lines[4] and "-2" in lines[4]
+    assert len(lines) == 5 and max(map(len, lines)) < 80
     assert "no verdict" in vt.verdict_lines({"experiment": "x"})[0]
 
 
