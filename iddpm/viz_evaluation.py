@@ -188,7 +188,7 @@ def plot_scaling(results: Mapping[str, Any]) -> Figure:
                 )
     from matplotlib.ticker import FuncFormatter
 
-    plain = FuncFormatter(lambda v, _: f"{v:.3g}")  # 72.6, not 7.26x10^1, on a narrow log axis
+    plain = FuncFormatter(lambda v, _: f"{v:.4g}")  # 72.6, not 7.26x10^1, on a narrow log axis
     for ax in (ax_fid, ax_nll):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -288,8 +288,10 @@ def plot_images_and_scores(
     from .viz import image_grid
 
     grid = image_grid(_to_model_range(images), nrow=nrow)
-    fig = _figure((4.0, 4.4))
-    ax_img, ax_bar = fig.subplots(2, 1, height_ratios=[grid.shape[0] / grid.shape[1] * 2.6, 1.0])
+    img_h = 3.6 * grid.shape[0] / grid.shape[1]  # inches the grid needs at about 3.6 inches wide
+    bar_h = 0.35 * len(scores) + 0.4
+    fig = _figure((4.0, img_h + bar_h + 0.4))
+    ax_img, ax_bar = fig.subplots(2, 1, height_ratios=[img_h, bar_h])
     ax_img.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax_img.set_axis_off()
     ax_img.set_title(title, fontsize=10)

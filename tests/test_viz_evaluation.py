@@ -127,7 +127,7 @@ def test_plot_scaling_fit_lines_match_the_fits():
     assert any("w32 (0.80 M params)" == t for t in legend)
     assert ax_nll.get_yscale() == "log"
     # plain tick labels, not 7.26x10^1
-    assert vze.plot_scaling(res).axes[0].yaxis.get_major_formatter()(72.6, 0) == "72.6"
+    assert vze.plot_scaling(res).axes[0].yaxis.get_major_formatter()(72.64, 0) == "72.64"
 
 
 def test_plot_quality_cases_three_panels_in_order():
