@@ -95,7 +95,7 @@ def test_chapter9_fits_a_phone_screen(phone_page: Any) -> None:
         box = img.bounding_box()
         natural = img.evaluate("i => i.naturalWidth")
         assert box is not None and box["x"] >= -1 and box["x"] + box["width"] <= PHONE + 1, (i, box)
-        # multi-panel figures are stacked, so they are shown at >= 60% of their drawn size (text stays legible)
+        # multi-panel figures are stacked, so they show at >= 60% of their drawn size (legible text)
         assert box["width"] >= 0.6 * min(natural, PHONE - 40), (i, box["width"], natural)
     for frame in p.locator("img.iddpm-scrubber-img").all():
         box = frame.bounding_box()
