@@ -438,7 +438,9 @@ def run_experiment(
                     per_arm[arm][str(seed)] = prev
                     continue
             log(f"measuring {name}: arm {arm}, seed {seed}")
+            t_arm = time.perf_counter()
             m = measure_arm(spec, arm, seed, dev, real)
+            m["measure_wall_s"] = time.perf_counter() - t_arm
             m["eval_key"] = eval_key
             m["train_wall_s"] = runs[spec.config(arm, seed).out_dir].get("wall_s")
             path.write_text(json.dumps(m, indent=1) + "\n")
