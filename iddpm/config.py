@@ -225,6 +225,15 @@ HARMLESS_FIELDS: frozenset[str] = frozenset(
 RESUMABLE_FIELDS: frozenset[str] = frozenset({"lr", "weight_decay", "lr_anneal_steps"})
 
 
+def unet_config_from_checkpoint(ck: dict[str, Any]) -> UNetConfig:
+    """Rebuild the ``UNetConfig`` stored in a checkpoint (JSON-style lists back to tuples)."""
+    mc = dict(ck["model_config"])
+    for k in ("channel_mult", "attention_resolutions"):
+        if mc.get(k) is not None:
+            mc[k] = tuple(mc[k])
+    return UNetConfig(**mc)
+
+
 def config_from_checkpoint(ck: dict[str, Any], **changes: Any) -> TrainConfig:
     """Rebuild the ``TrainConfig`` stored in a checkpoint (tuples restored), with ``changes`` applied."""
     d = dict(ck["config"])

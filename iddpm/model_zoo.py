@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, atomic_save, safe_load
+from .config import unet_config_from_checkpoint
 from .schedules import Schedule
 from .train import TrainConfig, config_from_checkpoint
 from .unet import UNet, UNetConfig
@@ -78,11 +79,7 @@ def pretrained(
     ck = safe_load(path)
     if ck.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an iddpm pretrained file (format {ck.get('format')!r})")
-    mc = dict(ck["model_config"])
-    for k in ("channel_mult", "attention_resolutions"):
-        if mc.get(k) is not None:
-            mc[k] = tuple(mc[k])
-    ucfg = UNetConfig(**mc)
+    ucfg = unet_config_from_checkpoint(ck)
     model = UNet(ucfg)
     model.load_state_dict(ck["model"])
     model.to(device).eval().requires_grad_(False)

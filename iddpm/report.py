@@ -10,10 +10,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["draw"]
+__all__ = ["draw", "errorbar", "write_index", "write_readme"]
 
 
-def _errorbar(ax: Any, xs: list[float], stats: list[dict[str, Any]], label: str, **kw: Any) -> None:
+def errorbar(ax: Any, xs: list[float], stats: list[dict[str, Any]], label: str, **kw: Any) -> None:
+    """Means with one-standard-error bars of ``stats`` (``{"mean", "se"}`` dicts) against ``xs``."""
     ax.errorbar(
         xs,
         [s["mean"] for s in stats],
@@ -70,7 +71,7 @@ def draw(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
     if skip_arms:
         fig, ax = plt.subplots(figsize=(5, 3.4))
         for a in skip_arms:
-            _errorbar(ax, [100 * r["skip"] for r in s[a]["skip"]], [r["fid"] for r in s[a]["skip"]], a)
+            errorbar(ax, [100 * r["skip"] for r in s[a]["skip"]], [r["fid"] for r in s[a]["skip"]], a)
         ax.set_xlabel("% of the reverse process skipped (noisiest steps)")
         ax.set_ylabel("digit-FID")
         ax.legend()
@@ -81,7 +82,7 @@ def draw(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
         for v, rows in quality.items():
             ks = [r["steps"] for r in rows]
             for ax, k in zip(axes, ("fid", "precision", "recall"), strict=True):
-                _errorbar(ax, ks, [r[k] for r in rows], v)
+                errorbar(ax, ks, [r[k] for r in rows], v)
         for ax, k in zip(axes, ("digit-FID", "precision", "recall"), strict=True):
             ax.set_xscale("log")
             ax.set_ylabel(k)
@@ -93,7 +94,7 @@ def draw(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
     if gns_arms:
         fig, ax = plt.subplots(figsize=(5, 3.4))
         for a in gns_arms:
-            _errorbar(ax, [r["step"] for r in s[a]["gns"]], [r["b_simple"] for r in s[a]["gns"]], a)
+            errorbar(ax, [r["step"] for r in s[a]["gns"]], [r["b_simple"] for r in s[a]["gns"]], a)
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel("gradient noise scale B_simple")
@@ -105,8 +106,8 @@ def draw(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
         for a in curve_arms:
             rows = [r for r in s[a]["curve"] if r["train_flops"] > 0]
             label = f"{a} ({s[a]['params'] / 1e6:.2f} M params)" if s[a].get("params") else a
-            _errorbar(axes[0], [r["train_flops"] for r in rows], [r["fid"] for r in rows], label)
-            _errorbar(axes[1], [r["train_flops"] for r in rows], [r["bpd"] for r in rows], label)
+            errorbar(axes[0], [r["train_flops"] for r in rows], [r["fid"] for r in rows], label)
+            errorbar(axes[1], [r["train_flops"] for r in rows], [r["bpd"] for r in rows], label)
         fit = results.get("fits", {}).get("fid_vs_flops")
         if fit:
             xs = sorted(r["train_flops"] for a in curve_arms for r in s[a]["curve"] if r["train_flops"] > 0)

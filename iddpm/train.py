@@ -62,6 +62,7 @@ from .config import (
     _upgrade_config,
     config_from_checkpoint,
     default_respacing,
+    unet_config_from_checkpoint,
 )
 from .distributed import (
     DistInfo,
@@ -546,11 +547,7 @@ def load_model(
         )
     needed = {k: _RESUME_KEYS[k] for k in ("config", "model_config", "step", "ema" if use_ema else "model")}
     _check_keys(ck, path, needed, "loaded")
-    mc = dict(ck["model_config"])
-    for k in ("channel_mult", "attention_resolutions"):
-        if mc.get(k) is not None:
-            mc[k] = tuple(mc[k])
-    unet_cfg = UNetConfig(**mc)
+    unet_cfg = unet_config_from_checkpoint(ck)
     cfg = config_from_checkpoint(ck)
     if use_ema:
         key = repr(float(rate)) if rate is not None else next(iter(ck["ema"]))

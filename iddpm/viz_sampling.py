@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .report import errorbar
 from .viz import fig_to_png
 
 if TYPE_CHECKING:
@@ -223,18 +224,6 @@ def _summary(results: Mapping[str, Any]) -> Mapping[str, Any]:
     return results["summary"] if "summary" in results else results
 
 
-def _errorbar(ax: Any, xs: Sequence[float], stats: Sequence[Mapping[str, Any]], label: str) -> None:
-    ax.errorbar(
-        list(xs),
-        [s["mean"] for s in stats],
-        yerr=[s["se"] for s in stats],
-        label=label,
-        capsize=3,
-        marker="o",
-        ms=4,
-    )
-
-
 def plot_gns(
     results: Mapping[str, Any],
     labels: Mapping[str, str] | None = None,
@@ -355,7 +344,7 @@ def plot_quality_vs_steps(
     for v, rows in quality.items():
         ks = [r["steps"] for r in rows]
         for ax, key in zip(axes, ("fid", "precision", "recall"), strict=True):
-            _errorbar(ax, ks, [r[key] for r in rows], (labels or {}).get(v, v))
+            errorbar(ax, ks, [r[key] for r in rows], (labels or {}).get(v, v))
     ylabels = ("digit-FID (lower is better)", "precision", "recall")
     for ax, yl in zip(axes, ylabels, strict=True):
         ax.set_xscale("log")
