@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .report import errorbar
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from torch import Tensor
@@ -126,15 +128,7 @@ def plot_skip_curves(results: Mapping[str, Any], title: str | None = None) -> Fi
         rows = s[a]["skip"]
         xs = [100 * r["skip"] for r in rows]
         for ax, key in ((ax_fid, "fid"), (ax_rec, "recall")):
-            ax.errorbar(
-                xs,
-                [r[key]["mean"] for r in rows],
-                yerr=[r[key]["se"] for r in rows],
-                marker="o",
-                ms=4,
-                capsize=3,
-                label=a,
-            )
+            errorbar(ax, xs, [r[key] for r in rows], a)
     ax_fid.set_ylabel("digit-FID (lower is better)", fontsize=10)
     ax_rec.set_ylabel("recall", fontsize=10)
     ax_rec.set_xlabel("% of the reverse process skipped (noisiest steps first)", fontsize=10)
@@ -168,15 +162,7 @@ def plot_scaling(results: Mapping[str, Any]) -> Figure:
         params = s[a].get("params")
         label = f"{a} ({params / 1e6:.2f} M params)" if params else a
         for ax, key in ((ax_fid, "fid"), (ax_nll, "bpd")):
-            ax.errorbar(
-                xs,
-                [r[key]["mean"] for r in rows],
-                yerr=[r[key]["se"] for r in rows],
-                marker="o",
-                ms=4,
-                capsize=3,
-                label=label,
-            )
+            errorbar(ax, xs, [r[key] for r in rows], label)
     if all_x:
         ends = [min(all_x), max(all_x)]
         for ax, key in ((ax_fid, "fid_vs_flops"), (ax_nll, "bpd_vs_flops")):
