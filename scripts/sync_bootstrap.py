@@ -10,8 +10,9 @@ they live: the Colab launch buttons use them too. To point the book at another r
 edit `repository.url` there and run this script. `tests/test_book_sources.py` checks that every chapter's cell
 is the rendered template and that the README names the same URL.
 
-On Colab the cell clones the repository (shallow, the book's branch) and installs it with `pip install -e`,
-so the chapters can import `iddpm` and read the committed `results/` (`IDDPM_RESULTS` points at the clone's).
+On Colab the cell clones the repository (shallow, the book's branch) and installs it with `pip install -e`
+(once per runtime: a marker file in the clone lets a re-run skip the install), so the chapters can import
+`iddpm` and read the committed `results/` (`IDDPM_RESULTS` points at the clone's).
 If the clone, the install or the import fails, the cell raises a RuntimeError that says what failed and why,
 instead of a ModuleNotFoundError several cells later. Elsewhere it only selects inline figures.
 """
@@ -61,7 +62,11 @@ if IN_COLAB:
             ["git", "clone", "--quiet", "--depth", "1", "--branch", BRANCH, REPO_URL, CLONE],
             f"could not clone {{REPO_URL}} (branch {{BRANCH}}); is it public and is _config.yml's URL right?",
         )
-    _run([sys.executable, "-m", "pip", "install", "-q", "-e", CLONE + "[viz,data]"], "pip install -e failed")
+    installed = os.path.join(CLONE, ".iddpm-installed")  # written after a good install: a re-run skips pip
+    if not os.path.exists(installed):
+        pip = [sys.executable, "-m", "pip", "install", "-q", "-e", CLONE + "[viz,data]"]
+        _run(pip, "pip install -e failed")
+        open(installed, "w").close()
     sys.path.insert(0, CLONE)  # the editable install reaches sys.path only after a restart: import the clone
     os.environ["IDDPM_RESULTS"] = os.path.join(CLONE, "results")  # the committed results the chapters read
     try:

@@ -86,6 +86,33 @@ def test_clone_without_a_python_project_fails_at_pip_install(tmp_path: Path) -> 
     err = _last_error(r.stderr)
     assert err.startswith("RuntimeError: Colab set-up failed: pip install -e failed (exit "), err
     assert "ModuleNotFoundError" not in r.stderr
+    assert not (tmp_path / "content" / "iddpm" / ".iddpm-installed").exists(), "a failed install is retried"
+
+
+def _fake_clone(tmp_path: Path, installed: bool) -> Path:
+    """A clone left by an earlier run of the cell in the same runtime: an importable `iddpm` package."""
+    clone = tmp_path / "content" / "iddpm"
+    (clone / "iddpm").mkdir(parents=True)
+    (clone / "iddpm" / "__init__.py").write_text('"""A stand-in for the cloned package."""\n')
+    if installed:
+        (clone / ".iddpm-installed").write_text("")
+    return clone
+
+
+def test_a_rerun_after_a_good_install_skips_clone_and_pip(tmp_path: Path) -> None:
+    """The URL is bogus: the cell can only succeed by reusing the clone and skipping the install."""
+    _fake_clone(tmp_path, installed=True)
+    r = _run_cell(tmp_path, (tmp_path / "no-such-repo.git").as_uri())
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_rerun_after_a_failed_install_installs_again(tmp_path: Path) -> None:
+    pytest.importorskip("pip")
+    _fake_clone(tmp_path, installed=False)  # cloned, but the install never finished: no marker
+    r = _run_cell(tmp_path, (tmp_path / "no-such-repo.git").as_uri())
+    assert r.returncode != 0
+    err = _last_error(r.stderr)
+    assert err.startswith("RuntimeError: Colab set-up failed: pip install -e failed (exit "), err
 
 
 def test_outside_colab_the_cell_does_nothing(tmp_path: Path) -> None:
