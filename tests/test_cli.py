@@ -120,6 +120,18 @@ def test_train_sample_nll_end_to_end(tmp_path, capsys):
     assert "bits/dim" in capsys.readouterr().out
 
 
+def start_until_logged(cmd: list[str], env: dict[str, str], log: Path, lines: int = 2) -> subprocess.Popen:
+    """Start a training command and wait (at most 120 s) until its log.jsonl holds `lines` records."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= lines):
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            proc.stderr.read() if proc.poll() else "slow"
+        )
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_and_exits_130(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -127,14 +139,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
            "--diffusion-steps", "20", "--batch-size", "4", "--steps", "100000", "--log-every", "1",
            "--save-every", "0", "--sample-every", "0", "--out-dir", str(tmp_path), "--no-progress",
            "--device", "cpu"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "log.jsonl"
-    deadline = time.monotonic() + 120
-    while not (log.is_file() and log.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, (
-            proc.stderr.read() if proc.poll() else "slow"
-        )
-        time.sleep(0.2)
+    proc = start_until_logged(cmd, env, tmp_path / "log.jsonl")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]  # 128 + SIGINT, after saving
@@ -235,14 +240,8 @@ def test_sigterm_saves_exits_143_and_resumes_bitwise(tmp_path):
              "--ema-warmup"]  # fmt: skip
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "iddpm", "train", *flags, "--steps", "100000", "--out-dir", str(run)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = run / "log.jsonl"
-    deadline = time.monotonic() + 120
-    while not (log.is_file() and log.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, (
-            proc.stderr.read() if proc.poll() else "slow"
-        )
-        time.sleep(0.2)
+    proc = start_until_logged(cmd, env, log)
     ns = build_parser().parse_args(["train", *flags, "--steps", "3", "--out-dir", str(run)])
     with pytest.raises(rundir.RunDirError, match=f"in use: process {proc.pid} "):
         train(config_from_args(ns), resume="auto")  # one writer per folder

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_helpers import tiny_train_config  # tests/ is on sys.path (pytest's prepend import mode)
 
 from iddpm import checkpoint as ck
 from iddpm import rundir
@@ -18,12 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(out_dir: Path, **kw) -> TrainConfig:
-    base = dict(
-        preset="tiny", dataset="digits8", diffusion_steps=20, batch_size=4, steps=2, log_every=1,
-        save_every=0, sample_every=0, out_dir=str(out_dir), progress=False, device="cpu",
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(out_dir, **{"steps": 2, **kw})
 
 
 def read_log(out_dir: Path) -> list[dict]:

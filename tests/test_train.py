@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import tiny_train_config  # tests/ is on sys.path (pytest's prepend import mode)
 
 from iddpm import checkpoint as ck
 from iddpm.ema import ema_update
@@ -29,12 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(
-        preset="tiny", dataset="digits8", diffusion_steps=20, batch_size=4, steps=6, log_every=1,
-        save_every=0, sample_every=0, out_dir=str(tmp_path), progress=False, device="cpu",
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(tmp_path, **{"steps": 6, **kw})
 
 
 def make_state(cfg: TrainConfig):
